@@ -1,0 +1,281 @@
+"""SRNCConv2d: once-per-step updates, gradients against the reference, modes, state, precision."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracles import singular_values
+
+from srnc_ext import SRNCConv2d, reference
+
+
+def _layer(**kwargs):
+    torch.manual_seed(0)
+    options = dict(alpha=1.5, beta=0.3, input_size=8)
+    options.update(kwargs)
+    return SRNCConv2d(4, 5, 3, padding=1, **options)
+
+
+def _reference_weight(layer):
+    """The effective weight, recomputed from the layer's buffers with the reference functions."""
+    geometry = layer.geometry
+    s1 = reference.rank_one_kernel(layer.u, layer.v, geometry)
+    s1_out = None
+    if reference.needs_second_iteration(layer.variant, layer.beta):
+        s1_out = reference.rank_one_kernel(layer.u_out, layer.v_out, geometry)
+    return reference.srnc_weight(layer.weight, s1, geometry, alpha=layer.alpha, beta=layer.beta, eps=layer.eps,
+                                 variant=layer.variant, s1_out=s1_out)
+
+
+def _buffers(layer):
+    return {name: buf.clone() for name, buf in layer.named_buffers()}
+
+
+@pytest.mark.parametrize("variant", ("projected", "paper"))
+def test_recurrent_unroll_advances_once_and_matches_reference_gradient(variant):
+    layer = _layer(variant=variant, dtype=torch.float64)
+    twin = copy.deepcopy(layer)
+    frames = torch.randn(7, 2, 4, 8, 8, dtype=torch.float64)
+    h = torch.zeros(2, 5, 8, 8, dtype=torch.float64)
+    for x in frames:  # T = 7 forwards, one backward
+        h = torch.tanh(layer(x) + 0.5 * h)
+    h.square().mean().backward()
+
+    twin.refresh()  # exactly one refresh
+    for name, buf in twin.named_buffers():
+        torch.testing.assert_close(getattr(layer, name), buf, rtol=0, atol=0)
+    weight = _reference_weight(twin)
+    h = torch.zeros(2, 5, 8, 8, dtype=torch.float64)
+    for x in frames:
+        h = torch.tanh(F.conv2d(x, weight, twin.bias, padding=1) + 0.5 * h)
+    h.square().mean().backward()
+    torch.testing.assert_close(layer.weight.grad, twin.weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.bias.grad, twin.bias.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_accumulation_matches_full_batch_and_refreshes_once_per_step():
+    layer = _layer(dtype=torch.float64)
+    twin = copy.deepcopy(layer)
+    x = torch.randn(6, 4, 8, 8, dtype=torch.float64)
+    for chunk in x.chunk(3):  # three micro-batches, backward after each
+        layer(chunk).square().sum().backward()
+    twin(x).square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad, twin.weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.u, twin.u, rtol=0, atol=0)
+    u_before = layer.u.clone()
+    torch.optim.SGD(layer.parameters(), lr=0.1).step()
+    layer(x[:1])
+    assert not torch.equal(layer.u, u_before)  # the optimizer step triggered exactly one refresh
+    u_after = layer.u.clone()
+    layer(x[:1])
+    torch.testing.assert_close(layer.u, u_after, rtol=0, atol=0)
+
+
+def test_eval_never_updates_and_equals_last_training_output():
+    layer = _layer()
+    x = torch.randn(2, 4, 8, 8)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).square().mean().backward()
+        opt.step()
+    train_out = layer(x).detach()
+    state = _buffers(layer)
+    layer.eval()
+    with torch.no_grad():
+        eval_out = layer(x)
+        layer.weight.add_(0.01)  # a changed weight must not move the vectors in eval
+        layer(x)
+    torch.testing.assert_close(eval_out, train_out, rtol=0, atol=0)
+    for name, buf in layer.named_buffers():
+        torch.testing.assert_close(buf, state[name], rtol=0, atol=0)
+
+
+def test_no_grad_forward_in_training_mode_refreshes():
+    layer = _layer()
+    u = layer.u.clone()
+    with torch.no_grad():
+        layer.weight.mul_(1.1)
+        out = layer(torch.randn(1, 4, 8, 8))
+    assert not out.requires_grad and not torch.equal(layer.u, u)
+
+
+@pytest.mark.parametrize("variant", ("projected", "paper"))
+def test_state_dict_round_trip_into_fresh_lazy_layer(variant):
+    layer = _layer(variant=variant, input_size=None)
+    x = torch.randn(2, 4, 9, 7)
+    layer(x).sum().backward()
+    torch.optim.SGD(layer.parameters(), lr=0.1).step()
+    layer(x)
+    layer.eval()
+    expected = layer(x)
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = SRNCConv2d(4, 5, 3, padding=1, alpha=1.5, beta=0.3, variant=variant)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    fresh.eval()
+    assert fresh.input_size == (9, 7)
+    torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+
+
+def test_load_rejects_mismatched_vectors_without_touching_state():
+    layer = _layer()
+    other = _layer(input_size=6)
+    before = _buffers(layer)
+    state = other.state_dict()
+    state["u"] = torch.randn(1, 5, 3, 3)
+    with pytest.raises(RuntimeError, match="shape"):
+        layer.load_state_dict(state)
+    for name, buf in layer.named_buffers():
+        torch.testing.assert_close(buf, before[name], rtol=0, atol=0)
+
+
+def test_deepcopy_and_pickle_give_identical_outputs():
+    layer = _layer()
+    x = torch.randn(1, 4, 8, 8)
+    layer(x)
+    layer.eval()
+    expected = layer(x)
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        clone.eval()
+        torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
+
+
+def test_lazy_input_size_from_first_input_and_other_sizes_allowed():
+    layer = _layer(input_size=None)
+    assert layer.input_size is None and layer.u is None
+    layer(torch.randn(1, 4, 12, 10))
+    assert layer.input_size == (12, 10) and layer.u.shape == (1, 5, 12, 10)
+    out = layer(torch.randn(3, 4, 6, 6))  # another size: same weight, documented
+    assert out.shape == (3, 5, 6, 6)
+    assert layer(torch.randn(4, 12, 10)).shape == (5, 12, 10)  # unbatched input
+
+
+def test_one_iteration_per_step_training_keeps_sigma_within_two_percent():
+    torch.manual_seed(0)
+    layer = SRNCConv2d(6, 6, 3, padding=1, alpha=2.0, beta=0.1, input_size=10)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    for _ in range(50):
+        x = torch.randn(4, 6, 10, 10)
+        loss = (layer(x) - x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    layer(torch.randn(1, 6, 10, 10))  # refresh on the final weight, as the next step would
+    sigma = singular_values(layer.geometry, layer.effective_weight())[0].item()
+    assert sigma == pytest.approx(2.0, rel=0.02)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_half_precision_parameters_normalize_in_float32(dtype):
+    layer = _layer()
+    reference_weight = layer.effective_weight().detach()
+    layer.to(dtype)
+    assert layer.weight.dtype == dtype and layer.u.dtype == torch.float32
+    weight = layer.effective_weight()
+    assert weight.dtype == dtype
+    # only the rounding of the raw weight to dtype and of the result separate the two
+    torch.testing.assert_close(weight.float(), reference_weight, rtol=2e-2, atol=2e-2)
+    if dtype == torch.bfloat16:  # CPU convolutions support bfloat16
+        out = layer(torch.randn(1, 4, 8, 8, dtype=dtype))
+        assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_float64_layer_keeps_float64_vectors():
+    layer = _layer(dtype=torch.float64)
+    assert layer.u.dtype == torch.float64 and layer.effective_weight().dtype == torch.float64
+
+
+def test_autocast_runs_refresh_and_normalization_in_float32():
+    layer = _layer()
+    twin = copy.deepcopy(layer)
+    x = torch.randn(2, 4, 8, 8)
+    twin(x)  # refresh without autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)  # refresh under autocast
+        weight = layer.effective_weight()
+    assert out.dtype == torch.bfloat16 and weight.dtype == torch.float32
+    torch.testing.assert_close(layer.u, twin.u, rtol=0, atol=0)
+    torch.testing.assert_close(weight.detach(), twin.effective_weight().detach(), rtol=0, atol=0)
+
+
+def test_all_zero_weight_gives_zero_effective_weight():
+    layer = _layer()
+    with torch.no_grad():
+        layer.weight.zero_()
+    out = layer(torch.randn(1, 4, 8, 8))
+    weight = layer.effective_weight()
+    assert torch.count_nonzero(weight) == 0 and torch.isfinite(out).all()
+    assert torch.isfinite(layer.u).all() and torch.linalg.vector_norm(layer.u) > 0.99
+
+
+@pytest.mark.parametrize("bad", (float("nan"), float("inf")))
+def test_non_finite_weight_raises_before_vectors_move(bad):
+    layer = _layer()
+    before = _buffers(layer)
+    with torch.no_grad():
+        layer.weight[0, 0, 0, 0] = bad
+    with pytest.raises(ValueError, match="weight contains NaN or inf"):
+        layer(torch.randn(1, 4, 8, 8))
+    for name, buf in layer.named_buffers():
+        torch.testing.assert_close(buf, before[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(alpha=0.0), ValueError, "alpha"),
+        (dict(alpha=-1.0), ValueError, "alpha"),
+        (dict(alpha=float("nan")), ValueError, "alpha"),
+        (dict(alpha=float("inf")), ValueError, "alpha"),
+        (dict(beta=0.0), ValueError, "beta"),
+        (dict(beta=1.5), ValueError, "beta"),
+        (dict(n_power_iterations=0), ValueError, "n_power_iterations"),
+        (dict(eps=0.0), ValueError, "eps"),
+        (dict(variant="literal"), ValueError, "variant"),
+        (dict(input_size=2), ValueError, "input_size"),
+        (dict(dtype=torch.int32), TypeError, "dtype"),
+        (dict(dtype=torch.complex64), TypeError, "dtype"),
+    ],
+)
+def test_bad_constructor_arguments_raise_naming_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        _layer(**kwargs)
+
+
+def test_dilated_kernel_larger_than_input_size_raises():
+    with pytest.raises(ValueError, match="input_size"):
+        SRNCConv2d(2, 2, 3, dilation=3, input_size=(6, 8))
+
+
+def test_channel_mismatch_raises_without_materializing():
+    layer = _layer(input_size=None)
+    with pytest.raises(ValueError, match="in_channels=4"):
+        layer(torch.randn(1, 3, 8, 8))
+    assert layer.u is None and layer.input_size is None
+
+
+def test_effective_weight_needs_input_size():
+    with pytest.raises(RuntimeError, match="input_size"):
+        _layer(input_size=None).effective_weight()
+
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(SRNCConv2d(3, 4, 3, padding=1, beta=0.5, input_size=8), torch.nn.ReLU(),
+                                SRNCConv2d(4, 3, 3, padding=1, padding_mode="circular", input_size=8))
+    x = torch.randn(2, 3, 8, 8)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model)
+    out = compiled(x)
+    expected = eager(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, eager[0].weight.grad, rtol=1e-4, atol=1e-6)
+    model.eval()
+    eager.eval()
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
