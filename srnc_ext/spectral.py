@@ -1,0 +1,279 @@
+"""Exact spectra of the linear operator of a conv layer.
+
+A conv layer with kernel ``K (C_out, C_in/groups, kh, kw)`` acting on ``(C_in, H, W)`` inputs
+is the linear map ``W: R^dim_in -> R^dim_out`` described by
+:class:`srnc_ext.operator.ConvGeometry` (padding mode, stride, dilation and groups included).
+``spectrum`` returns its singular values by one of three methods:
+
+* ``"fft"`` -- exact, circulant operators only (circular padding, stride 1, output size =
+  input size). Such a ``W`` is block-circulant, so it is block-diagonalised by the 2-D DFT:
+  its singular values are the union over the ``H*W`` frequencies ``w`` of the singular values
+  of the ``(C_out, C_in)`` matrices ``K_hat(w)``, the 2-D DFT of the kernel embedded in an
+  ``H x W`` grid (Sedghi, Gupta & Long 2019, "The singular values of convolutional layers").
+  Dilation places the taps at dilated offsets; groups make ``K_hat(w)`` block-diagonal; the
+  padding offset is a circular shift (a unit phase per frequency). Cost ``O(C^2 HW log HW)``.
+* ``"matrix"`` -- exact for every configuration: the explicit ``(dim_out, dim_in)`` matrix is
+  built by applying the operator to the identity basis and passed to ``torch.linalg.svdvals``.
+  Refused above ``MAX_MATRIX_ENTRIES`` entries.
+* ``"arpack"`` -- matrix-free, approximate: the top ``k`` singular values from
+  ``scipy.sparse.linalg.svds`` (ARPACK, relative tolerance ``tol``) on a ``LinearOperator``
+  whose products are the operator and its exact adjoint. Any size.
+
+``"auto"`` picks ``"fft"`` for circulant operators, else ``"matrix"`` within budget, else
+``"arpack"``; the result's ``method`` says which ran. Everything is computed in float64 on CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator, svds
+from torch import nn
+
+from .operator import ConvGeometry, SizeLike, pair
+
+METHODS = ("auto", "fft", "matrix", "arpack")
+MAX_MATRIX_ENTRIES = 2**24  # largest explicit operator matrix (dim_out * dim_in) "matrix" builds
+_CHUNK_ENTRIES = 2**22  # bound on the entries of one batch of basis vectors / their images
+_CONFIG = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "padding_mode": "zeros"}
+
+
+@dataclass(frozen=True, eq=False)
+class Spectrum:
+    """Singular values of a conv operator.
+
+    ``values``: float64 CPU tensor, descending; all ``full_rank`` singular values for the exact
+    methods (``"fft"``, ``"matrix"``), the top ``k`` for ``"arpack"``. ``tol``: ARPACK's relative
+    tolerance (``None`` when exact). ``frobenius_sq``: exact ``||W||_F^2``. ``full_rank``:
+    ``min(dim_in, dim_out)``.
+    """
+
+    values: torch.Tensor
+    method: str
+    exact: bool
+    tol: Optional[float]
+    frobenius_sq: float
+    full_rank: int
+
+    @property
+    def sigma_max(self) -> float:
+        """Spectral norm ``sigma_1 = ||W||_2``."""
+        return float(self.values[0])
+
+    @property
+    def stable_rank(self) -> float:
+        """Absolute stable rank ``||W||_F^2 / sigma_1^2`` (in ``[1, full_rank]`` unless W = 0)."""
+        return self.frobenius_sq / self.sigma_max**2
+
+    @property
+    def stable_rank_fraction(self) -> float:
+        """``stable_rank / full_rank``, in ``(0, 1]``."""
+        return self.stable_rank / self.full_rank
+
+
+# --------------------------------------------------------------------------- the three methods
+def fft_singular_values(geometry: ConvGeometry, kernel: torch.Tensor) -> torch.Tensor:
+    """All singular values of a circulant operator, unsorted: ``(full_rank,)``.
+
+    ``K_hat = fft2`` of the kernel embedded in an ``(H, W)`` grid at its dilated tap offsets,
+    shifted by the pad offset; the ``(C_out/g, C_in/g)`` block of each group at each frequency
+    contributes its singular values.
+    """
+    if not geometry.is_circulant:
+        raise ValueError(
+            "method='fft' needs a circulant operator (padding_mode='circular', stride 1, output size == "
+            f"input size); got padding_mode={geometry.padding_mode!r}, stride={geometry.stride}, "
+            f"input {geometry.input_size} -> output {geometry.output_size}. Use method='matrix' "
+            "(exact, small operators), 'arpack' (matrix-free top-k) or 'auto'"
+        )
+    (h, w), (dh, dw), (kh, kw) = geometry.input_size, geometry.dilation, geometry.kernel_size
+    c_out, c_in_g = kernel.shape[:2]
+    grid = kernel.new_zeros(c_out, c_in_g, h, w)
+    grid[:, :, (dh * torch.arange(kh))[:, None], (dw * torch.arange(kw))[None, :]] = kernel
+    left, _, top, _ = geometry.pad
+    k_hat = torch.fft.fft2(torch.roll(grid, (-top, -left), (-2, -1)))  # (C_out, C_in/g, H, W)
+    g = geometry.groups
+    blocks = k_hat.reshape(g, c_out // g, c_in_g, h, w).permute(0, 3, 4, 1, 2)  # (g, H, W, Co/g, Ci/g)
+    return torch.linalg.svdvals(blocks).flatten()
+
+
+def operator_matrix(geometry: ConvGeometry, kernel: torch.Tensor) -> torch.Tensor:
+    """The explicit ``(dim_out, dim_in)`` matrix of ``W``, column ``j`` = ``W e_j``.
+
+    Built from the identity basis in batches of at most ``_CHUNK_ENTRIES`` entries.
+    """
+    n_in, n_out = geometry.dim_in, geometry.dim_out
+    if n_in * n_out > MAX_MATRIX_ENTRIES:
+        raise ValueError(
+            f"explicit operator matrix {n_out} x {n_in} exceeds MAX_MATRIX_ENTRIES={MAX_MATRIX_ENTRIES}; "
+            "use method='arpack' (or 'fft' for circulant operators)"
+        )
+    hp, wp = geometry.padded_size
+    chunk = max(1, _CHUNK_ENTRIES // max(n_in, n_out, geometry.in_channels * hp * wp))
+    columns = []
+    for start in range(0, n_in, chunk):
+        stop = min(start + chunk, n_in)
+        basis = kernel.new_zeros(stop - start, n_in)
+        basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+        columns.append(geometry.apply(kernel, basis.reshape(geometry.input_shape(stop - start))).flatten(1))
+    return torch.cat(columns).T
+
+
+def arpack_singular_values(geometry: ConvGeometry, kernel: torch.Tensor, k: int, tol: float) -> torch.Tensor:
+    """Top ``k`` singular values by ARPACK on the matrix-free operator, unsorted: ``(k,)``."""
+    if not 1 <= k < geometry.full_rank:
+        raise ValueError(f"method='arpack' needs 1 <= k < full_rank={geometry.full_rank}, got k={k}")
+
+    def product(fn, shape):
+        return lambda v: fn(kernel, torch.from_numpy(np.ascontiguousarray(v, np.float64)).reshape(shape)).reshape(-1).numpy()
+
+    op = LinearOperator(
+        (geometry.dim_out, geometry.dim_in),
+        matvec=product(geometry.apply, geometry.input_shape(1)),
+        rmatvec=product(geometry.adjoint, geometry.output_shape(1)),
+        dtype=np.float64,
+    )
+    v0 = np.random.default_rng(0).standard_normal(geometry.full_rank)
+    return torch.from_numpy(svds(op, k=k, tol=tol, v0=v0, return_singular_vectors=False).copy())
+
+
+# --------------------------------------------------------------------------- entry points
+def _resolve(weight_or_conv, input_size, config) -> Tuple[torch.Tensor, ConvGeometry]:
+    """The float64 kernel and the geometry, from a kernel tensor or an ``nn.Conv2d``."""
+    if isinstance(weight_or_conv, nn.Conv2d):
+        conv = weight_or_conv
+        for name, value in config.items():
+            if value is not None:
+                raise ValueError(f"{name} is taken from the module {type(conv).__name__}; do not pass {name}=")
+        if input_size is None:
+            input_size = getattr(conv, "input_size", None)
+        weight = conv.effective_weight() if hasattr(conv, "effective_weight") else conv.weight
+        config = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                      groups=conv.groups, padding_mode=conv.padding_mode)
+    elif isinstance(weight_or_conv, torch.Tensor):
+        weight = weight_or_conv
+        config = {name: _CONFIG[name] if value is None else value for name, value in config.items()}
+    else:
+        raise TypeError(f"expected a 4-D kernel tensor or an nn.Conv2d, got {type(weight_or_conv).__name__}")
+    if input_size is None:
+        raise ValueError("input_size is required (the operator depends on it): pass input_size=(H, W)")
+    kernel = weight.detach().to(device="cpu", dtype=torch.float64)
+    return kernel, ConvGeometry.create(kernel.shape, input_size, **config)
+
+
+def spectrum(
+    weight_or_conv: Union[torch.Tensor, nn.Conv2d],
+    input_size: Optional[SizeLike] = None,
+    *,
+    stride=None,
+    padding=None,
+    dilation=None,
+    groups: Optional[int] = None,
+    padding_mode: Optional[str] = None,
+    method: str = "auto",
+    k: int = 1,
+    tol: float = 1e-8,
+) -> Spectrum:
+    """Singular values of the operator of a conv layer on ``input_size`` inputs.
+
+    ``weight_or_conv``: a kernel ``(C_out, C_in/groups, kh, kw)`` or an ``nn.Conv2d`` (any
+    subclass; ``effective_weight()`` is used when the module has it, and its ``input_size``
+    attribute when ``input_size`` is None). ``input_size``: int or ``(H, W)``. The layer
+    configuration (``None`` = default ``stride=1, padding=0, dilation=1, groups=1,
+    padding_mode="zeros"``) must not be passed with a module, which supplies its own.
+    ``method``: one of ``METHODS`` (see the module docstring); ``k``, ``tol``: for ``"arpack"``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    config = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=padding_mode)
+    with torch.no_grad():
+        kernel, geometry = _resolve(weight_or_conv, input_size, config)
+        if method == "auto":
+            fits = geometry.dim_in * geometry.dim_out <= MAX_MATRIX_ENTRIES
+            method = "fft" if geometry.is_circulant else "matrix" if fits else "arpack"
+        if method == "fft":
+            values = fft_singular_values(geometry, kernel)
+        elif method == "matrix":
+            values = torch.linalg.svdvals(operator_matrix(geometry, kernel))
+        else:
+            values = arpack_singular_values(geometry, kernel, k, tol)
+        values = values.sort(descending=True).values
+        if method != "arpack" and len(values) < geometry.full_rank:  # rank-deficient shapes: zeros
+            values = torch.cat([values, values.new_zeros(geometry.full_rank - len(values))])
+        return Spectrum(
+            values=values,
+            method=method,
+            exact=method != "arpack",
+            tol=tol if method == "arpack" else None,
+            frobenius_sq=float(geometry.frobenius_sq(kernel)),
+            full_rank=geometry.full_rank,
+        )
+
+
+def singular_values(weight_or_conv, input_size=None, **kwargs) -> torch.Tensor:
+    """``spectrum(...).values``: float64, descending. Same arguments as :func:`spectrum`."""
+    return spectrum(weight_or_conv, input_size, **kwargs).values
+
+
+def spectral_norm(weight_or_conv, input_size=None, **kwargs) -> float:
+    """``sigma_1 = ||W||_2``. Same arguments as :func:`spectrum`."""
+    return spectrum(weight_or_conv, input_size, **kwargs).sigma_max
+
+
+def stable_rank(weight_or_conv, input_size=None, **kwargs) -> float:
+    """Absolute stable rank ``||W||_F^2 / sigma_1^2``. Same arguments as :func:`spectrum`."""
+    return spectrum(weight_or_conv, input_size, **kwargs).stable_rank
+
+
+# --------------------------------------------------------------------------- model reports
+@dataclass
+class LayerSpectrum:
+    """One row of :func:`model_report`."""
+
+    name: str
+    weight_shape: Tuple[int, int, int, int]
+    input_size: Tuple[int, int]
+    sigma_max: float
+    stable_rank: float
+    stable_rank_fraction: float
+    method: str
+
+
+def model_report(
+    model: nn.Module,
+    input_size: Union[None, SizeLike, Dict[str, SizeLike]],
+    *,
+    method: str = "auto",
+) -> List[LayerSpectrum]:
+    """Spectrum summary of every ``nn.Conv2d`` in ``model`` (``named_modules`` order).
+
+    ``input_size``: one size for every layer, or ``{qualified name: size}``; a layer missing
+    from it (or every layer, when ``None``) uses its own ``input_size`` attribute.
+    """
+    rows = []
+    for name, conv in model.named_modules():
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        size = input_size.get(name) if isinstance(input_size, dict) else input_size
+        size = size if size is not None else getattr(conv, "input_size", None)
+        if size is None:
+            raise ValueError(f"no input_size for layer {name!r}: pass it in input_size or set the layer's input_size")
+        result = spectrum(conv, size, method=method)
+        rows.append(LayerSpectrum(name, tuple(conv.weight.shape), pair(size, "input_size"), result.sigma_max,
+                                  result.stable_rank, result.stable_rank_fraction, result.method))
+    return rows
+
+
+def format_report(rows: List[LayerSpectrum]) -> str:
+    """``rows`` as a Markdown table."""
+    lines = [
+        "| name | shape | input | sigma_1 | stable rank | fraction of full rank | method |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        shape, size = "x".join(map(str, r.weight_shape)), "x".join(map(str, r.input_size))
+        lines.append(f"| {r.name} | {shape} | {size} | {r.sigma_max:.4f} | {r.stable_rank:.3f} "
+                     f"| {r.stable_rank_fraction:.4f} | {r.method} |")
+    return "\n".join(lines)
