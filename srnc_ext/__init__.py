@@ -1,0 +1,15 @@
+"""srnc_ext: Stable Rank Normalization for Convolutional layers (SRN-C).
+
+``SRNCConv2d`` is a drop-in ``nn.Conv2d`` whose true convolution operator (padding, stride,
+dilation and groups included) has spectral norm ``alpha`` and a stable rank controlled by
+``beta``; ``convert``/``to_conv2d`` swap layers of a model; ``srnc_ext.spectral`` computes
+exact spectra of conv operators.
+"""
+from . import reference, spectral
+from .convert import convert, to_conv2d
+from .module import SRNCConv2d
+from .operator import ConvGeometry
+
+__version__ = "0.1.0"
+
+__all__ = ["SRNCConv2d", "convert", "to_conv2d", "spectral", "reference", "ConvGeometry", "__version__"]
