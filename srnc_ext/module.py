@@ -176,15 +176,20 @@ class SRNCConv2d(nn.Conv2d):
         self._iterate(vectors, n_iterations)
 
     @torch.no_grad()
-    def refresh(self) -> None:
-        """Advance the power iteration(s) by ``n_power_iterations`` steps on the current weight.
+    def refresh(self, n_iterations: Optional[int] = None) -> None:
+        """Advance the power iteration(s) by ``n_iterations`` (default ``n_power_iterations``)
+        steps on the current weight.
 
-        Runs automatically once per optimizer step in training mode; call it to control it.
+        Runs automatically once per optimizer step in training mode; call it to control it,
+        e.g. ``refresh(200)`` before deployment to remove the tracking lag of training.
         Raises ``ValueError`` (vectors untouched) if the weight has NaN or inf entries.
         """
         if not self.materialized:
             raise RuntimeError("input_size is unknown: pass input_size= or run a forward first")
-        self._iterate({name: getattr(self, name) for name in self._vector_names}, self.n_power_iterations)
+        n_iterations = self.n_power_iterations if n_iterations is None else n_iterations
+        if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
+            raise ValueError(f"n_iterations must be an int >= 1, got {n_iterations!r}")
+        self._iterate({name: getattr(self, name) for name in self._vector_names}, n_iterations)
         self._refreshed_at = self._weight_key()
 
     @torch.compiler.disable

@@ -258,6 +258,17 @@ def test_channel_mismatch_raises_without_materializing():
     assert layer.u is None and layer.input_size is None
 
 
+def test_refresh_takes_an_iteration_count():
+    layer = _layer()
+    with pytest.raises(ValueError, match="n_iterations"):
+        layer.refresh(0)
+    many, few = copy.deepcopy(layer), copy.deepcopy(layer)
+    many.refresh(5)
+    for _ in range(5):
+        few.refresh()
+    torch.testing.assert_close(many.u, few.u, rtol=1e-6, atol=1e-7)
+
+
 def test_effective_weight_needs_input_size():
     with pytest.raises(RuntimeError, match="input_size"):
         _layer(input_size=None).effective_weight()
