@@ -8,10 +8,13 @@ Lifecycle of the normalization state:
   first input seen. Materializing draws random unit vectors and runs ``WARMUP_ITERATIONS``
   power iterations on the current weight, as ``torch.nn.utils.spectral_norm`` does.
 * Refresh (``refresh()``): ``n_power_iterations`` steps of each power iteration plus one
-  weight-gradient convolution per iteration, without gradient. In training mode it runs
-  automatically on the first forward after the weight changed (its version counter moved: an
-  optimizer step, ``load_state_dict``, any in-place edit), so a T-frame recurrent unroll or
-  several gradient-accumulation micro-batches advance the iteration once per optimizer step.
+  weight-gradient convolution, without gradient, batched over all layers of the same
+  signature (``srnc_ext.refresh``). In training mode it runs automatically right after each
+  ``optimizer.step()`` that updates the weight, and otherwise (eager mode) on the first forward
+  after the weight changed (its version counter moved: ``load_state_dict``, any in-place edit),
+  so a T-frame recurrent unroll or several gradient-accumulation micro-batches advance the
+  iteration once per optimizer step. Under ``torch.compile`` only the optimizer hook runs, so
+  compiled forwards contain no refresh (give ``input_size`` so nothing materializes inside).
 * Every forward recomputes the effective weight from the raw weight and the refreshed
   rank-one kernels: the differentiable part of SRN-C is elementwise work on the kernel, so
   each forward builds its own small graph and gradients accumulate exactly as if the
@@ -28,11 +31,15 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from . import reference
+from . import backends, batched_refresh as _refresh
+from .ops import VARIANT_PROJECTED, prepare_constants, variant_code
 from .operator import ConvGeometry, pair
+from .reference import VARIANTS
 
 WARMUP_ITERATIONS = 15
 _VECTOR_NAMES = ("u", "v", "u_out", "v_out")
+# Derived from the vectors (never saved): the rank-one kernels and the ops' constants.
+_CONSTANT_NAMES = ("_s1", "_direction", "_s1_out", "_consts", "_gram", "_gram_pinv")
 
 
 def _check_float_dtype(dtype: Optional[torch.dtype]) -> None:
@@ -73,6 +80,8 @@ class SRNCConv2d(nn.Conv2d):
         eps: added to the spectral norm estimate before dividing (> 0).
         variant: ``"projected"`` (default: sigma_1 = alpha for every beta) or ``"paper"``
             (Algorithm 2 literally; see docs/variants.md).
+        backend: ``None`` (the global choice, see ``srnc_ext.set_backend``), ``"auto"``,
+            ``"cuda"``, ``"cpu"``, ``"triton"`` or ``"reference"``.
     """
 
     def __init__(
@@ -95,6 +104,7 @@ class SRNCConv2d(nn.Conv2d):
         n_power_iterations: int = 1,
         eps: float = 1e-12,
         variant: str = "projected",
+        backend: Optional[str] = None,
     ) -> None:
         _check_float_dtype(dtype)
         alpha = _check_positive_finite("alpha", alpha)
@@ -103,8 +113,9 @@ class SRNCConv2d(nn.Conv2d):
         if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 1:
             raise ValueError(f"n_power_iterations must be an int >= 1, got {n_power_iterations!r}")
         eps = _check_positive_finite("eps", eps)
-        if variant not in reference.VARIANTS:
-            raise ValueError(f"variant must be one of {reference.VARIANTS}, got {variant!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        backends.check_backend(backend)
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
@@ -113,14 +124,19 @@ class SRNCConv2d(nn.Conv2d):
         self.n_power_iterations = n_power_iterations
         self.eps = eps
         self.variant = variant
+        self._backend = backend
         self._geometry: Optional[ConvGeometry] = None
+        self._refreshed_at: Optional[Tuple[int, int]] = None
         for name in self._vector_names:
             self.register_buffer(name, None)
-        self._reset_caches()
+        for name in _CONSTANT_NAMES:
+            self.register_buffer(name, None, persistent=False)
+        self._resolve_ops()
+        _refresh.register(self)
         if input_size is not None:
             self.set_input_size(input_size)
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ configuration
     @property
     def _vector_names(self) -> Tuple[str, ...]:
         return _VECTOR_NAMES if self.variant == "projected" else _VECTOR_NAMES[:2]
@@ -139,16 +155,31 @@ class SRNCConv2d(nn.Conv2d):
     def materialized(self) -> bool:
         return self._geometry is not None and self.u is not None
 
-    def set_input_size(self, input_size) -> None:
-        """Set the feature-map size (int or (h, w)) and start a fresh warmed-up power iteration."""
-        geometry = ConvGeometry.from_conv(self, pair(input_size, "input_size"))  # validates first
-        self._geometry = geometry
-        self.reset_power_iteration()
+    @property
+    def backend(self) -> Optional[str]:
+        return self._backend
 
-    def _reset_caches(self) -> None:
-        self._rank_one: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
-        self._refreshed_at: Optional[Tuple[int, int]] = None
-        self._gram_cache: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+    @backend.setter
+    def backend(self, name: Optional[str]) -> None:
+        self._backend = backends.check_backend(name)
+        self._resolve_ops()
+
+    @property
+    def variant_code(self) -> int:
+        return variant_code(self.variant, self.beta)
+
+    def op_scalars(self) -> Tuple[float, float, float, float, int]:
+        """``(alpha, beta * full_rank, output positions, eps, variant code)`` for the reweight op."""
+        h, w = self._geometry.output_size
+        return (self.alpha, self.beta * self._geometry.full_rank, float(h * w), self.eps, self.variant_code)
+
+    def signature(self) -> tuple:
+        """Layers with equal signatures are refreshed together as one grouped convolution."""
+        return (self._geometry, self.variant_code, self.beta, self.eps, self._vector_dtype(),
+                self.weight.device, id(self._op_impl))
+
+    def _resolve_ops(self) -> None:
+        self._op_impl = backends.ops(self._backend, self.weight.device)
 
     def _vector_dtype(self) -> torch.dtype:
         return compute_dtype(self.weight.dtype)
@@ -156,9 +187,32 @@ class SRNCConv2d(nn.Conv2d):
     def _weight_key(self) -> Tuple[int, int]:
         return (id(self.weight), self.weight._version)
 
-    def _random_unit(self, shape) -> torch.Tensor:
-        x = torch.randn(shape, dtype=self._vector_dtype(), device=self.weight.device)
-        return x / torch.linalg.vector_norm(x).clamp_min(self.eps)
+    def is_stale(self) -> bool:
+        """True when the weight changed since the last refresh."""
+        return self._refreshed_at != self._weight_key()
+
+    # ------------------------------------------------------------------ state
+    def set_input_size(self, input_size) -> None:
+        """Set the feature-map size (int or (h, w)) and start a fresh warmed-up power iteration."""
+        geometry = ConvGeometry.from_conv(self, pair(input_size, "input_size"))  # validates first
+        self._geometry = geometry
+        self._resolve_ops()  # the weight may have moved since construction (convert swaps it in)
+        self.reset_power_iteration()
+
+    def _allocate(self, geometry: ConvGeometry) -> None:
+        """Buffers for ``geometry``: random unit vectors and derived constants (zeros)."""
+        dtype, device = self._vector_dtype(), self.weight.device
+        for name in self._vector_names:
+            shape = geometry.output_shape() if name.startswith("u") else geometry.input_shape()
+            x = torch.randn(shape, dtype=dtype, device=device)
+            self._buffers[name] = x / torch.linalg.vector_norm(x).clamp_min(self.eps)
+        taps = geometry.kernel_size[0] * geometry.kernel_size[1]
+        slices = geometry.out_channels * geometry.in_channels // geometry.groups
+        for name in ("_s1", "_direction", "_s1_out"):
+            self._buffers[name] = torch.zeros(1, slices, taps, dtype=dtype, device=device)
+        self._buffers["_consts"] = torch.zeros(1, 2, dtype=dtype, device=device)
+        self._buffers["_gram"] = geometry.kernel_gram(dtype, device)
+        self._buffers["_gram_pinv"] = geometry.kernel_gram_pinv(dtype, device)
 
     @torch.no_grad()
     def reset_power_iteration(self, n_iterations: int = WARMUP_ITERATIONS) -> None:
@@ -168,101 +222,58 @@ class SRNCConv2d(nn.Conv2d):
         """
         if self._geometry is None:
             raise RuntimeError("input_size is unknown: pass input_size= or run a forward first")
-        geometry = self._geometry
-        vectors = {}
-        for name in self._vector_names:
-            shape = geometry.output_shape() if name.startswith("u") else geometry.input_shape()
-            vectors[name] = self._random_unit(shape)
-        self._iterate(vectors, n_iterations)
+        self._allocate(self._geometry)
+        _refresh.refresh_layers([self], n_iterations)  # counts as this weight's refresh
 
-    @torch.no_grad()
     def refresh(self, n_iterations: Optional[int] = None) -> None:
         """Advance the power iteration(s) by ``n_iterations`` (default ``n_power_iterations``)
         steps on the current weight.
 
         Runs automatically once per optimizer step in training mode; call it to control it,
         e.g. ``refresh(200)`` before deployment to remove the tracking lag of training.
+        ``srnc_ext.refresh(model)`` refreshes all layers of a model in batched groups.
         Raises ``ValueError`` (vectors untouched) if the weight has NaN or inf entries.
         """
         if not self.materialized:
             raise RuntimeError("input_size is unknown: pass input_size= or run a forward first")
-        n_iterations = self.n_power_iterations if n_iterations is None else n_iterations
-        if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
+        if n_iterations is not None and (isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1):
             raise ValueError(f"n_iterations must be an int >= 1, got {n_iterations!r}")
-        self._iterate({name: getattr(self, name) for name in self._vector_names}, n_iterations)
-        self._refreshed_at = self._weight_key()
+        _refresh.refresh_layers([self], n_iterations)
 
-    @torch.compiler.disable
-    def _iterate(self, vectors: Dict[str, torch.Tensor], n_iterations: int) -> None:
-        """Run the iteration(s) from ``vectors`` and commit buffers and caches only on success."""
-        weight = self.weight
-        if not bool(torch.isfinite(weight).all()):
-            raise ValueError("weight contains NaN or inf; the power-iteration vectors were not updated")
-        geometry, eps = self._geometry, self.eps
-        with _no_autocast(weight):
-            kernel = weight.detach().to(self._vector_dtype())
-            u, v = reference.power_iteration(kernel, vectors["u"], vectors["v"], geometry, n_iterations, eps)
-            s1 = reference.rank_one_kernel(u, v, geometry)
-            new = {"u": u, "v": v}
-            s1_out = None
-            if self.variant == "projected":
-                u_out, v_out = vectors["u_out"], vectors["v_out"]
-                if reference.needs_second_iteration(self.variant, self.beta):
-                    reweighted = self._reweighted(kernel, s1)
-                    u_out, v_out = reference.power_iteration(reweighted, u_out, v_out, geometry, n_iterations, eps)
-                    s1_out = reference.rank_one_kernel(u_out, v_out, geometry)
-                new.update(u_out=u_out, v_out=v_out)
-        for name, value in new.items():
-            if getattr(self, name) is None or getattr(self, name).shape != value.shape:
-                self._buffers[name] = value.clone()
-            else:
-                getattr(self, name).copy_(value)
-        self._rank_one = (s1, s1_out)
+    def _commit(self, vectors, s1, direction, s1_out, consts, mark_refreshed: bool) -> None:
+        """Store a refresh's results (called by ``srnc_ext.refresh`` once the whole group succeeded)."""
+        for name, value in vectors.items():
+            getattr(self, name).copy_(value)
+        for name, value in (("_s1", s1), ("_direction", direction), ("_s1_out", s1_out), ("_consts", consts)):
+            getattr(self, name).copy_(value)
+        if mark_refreshed:
+            self._refreshed_at = self._weight_key()
 
-    @torch.compiler.disable
-    def _rank_one_kernels(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(s1, s1_out)`` for the stored vectors (cached; recomputed after load or ``.to()``)."""
-        if self._rank_one is None:
-            geometry = self._geometry
-            with torch.no_grad(), _no_autocast(self.weight):
-                s1 = reference.rank_one_kernel(self.u, self.v, geometry)
-                s1_out = None
-                if reference.needs_second_iteration(self.variant, self.beta):
-                    s1_out = reference.rank_one_kernel(self.u_out, self.v_out, geometry)
-            self._rank_one = (s1, s1_out)
-        return self._rank_one
-
-    @torch.compiler.disable
-    def _grams(self, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        key = (self._geometry, dtype, device)
-        if key not in self._gram_cache:
-            self._gram_cache = {
-                key: (self._geometry.kernel_gram(dtype, device), self._geometry.kernel_gram_pinv(dtype, device))
-            }
-        return self._gram_cache[key]
-
-    def _reweighted(self, kernel: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
-        gram = gram_pinv = None
-        if self.variant == "projected" and self.beta < 1.0:
-            gram, gram_pinv = self._grams(kernel.dtype, kernel.device)
-        return reference.reweighted_kernel(
-            kernel, s1, self._geometry, beta=self.beta, eps=self.eps, variant=self.variant, gram=gram, gram_pinv=gram_pinv
-        )
+    @torch.no_grad()
+    def _recompute_constants(self) -> None:
+        """The rank-one kernels and op constants from the stored vectors, without iterating."""
+        geometry, code = self._geometry, self.variant_code
+        taps = geometry.kernel_size[0] * geometry.kernel_size[1]
+        with _no_autocast(self.weight):
+            s1 = geometry.kernel_grad(self.v, self.u).reshape(1, -1, taps)
+            s1_out = s1
+            if code == VARIANT_PROJECTED:
+                s1_out = geometry.kernel_grad(self.v_out, self.u_out).reshape(1, -1, taps)
+            direction, consts = prepare_constants(s1, s1_out, self._gram_pinv, code)
+        self._commit({}, s1, direction, s1_out, consts, mark_refreshed=False)
 
     # ------------------------------------------------------------------ forward
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward uses: ``alpha * K~`` (differentiable w.r.t. ``weight``)."""
         if not self.materialized:
             raise RuntimeError("input_size is unknown: pass input_size= or run a forward first")
-        s1, s1_out = self._rank_one_kernels()
         weight = self.weight
         with _no_autocast(weight):
-            kernel = weight.to(self._vector_dtype())
-            out = self._reweighted(kernel, s1)
-            if s1_out is not None:
-                out = reference.spectral_normalize(out, s1_out, self.eps)
-            out = self.alpha * out
-        return out.to(weight.dtype)
+            kernel = weight.to(self._vector_dtype()).reshape(self._s1.shape)
+            out, _ = self._op_impl.reweight_forward(
+                kernel, self._s1, self._direction, self._s1_out, self._gram, self._consts, *self.op_scalars()
+            )
+        return out.reshape(weight.shape).to(weight.dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() not in (3, 4):
@@ -273,8 +284,8 @@ class SRNCConv2d(nn.Conv2d):
             )
         if not self.materialized:
             self.set_input_size(self.input_size or tuple(input.shape[-2:]))
-        if self.training and self._refreshed_at != self._weight_key():
-            self.refresh()
+        if self.training and not torch.compiler.is_compiling() and self.is_stale():
+            _refresh.refresh_layers([self])
         return self._conv_forward(input, self.effective_weight(), self.bias)
 
     # ------------------------------------------------------------------ nn.Module plumbing
@@ -293,6 +304,7 @@ class SRNCConv2d(nn.Conv2d):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         extra = state_dict.get(prefix + "_extra_state")
+        geometry = self._geometry
         if isinstance(extra, dict):
             if extra.get("variant") != self.variant:
                 error_msgs.append(
@@ -313,27 +325,36 @@ class SRNCConv2d(nn.Conv2d):
                 if tuple(incoming.shape) != expected:
                     error_msgs.append(f"{prefix}{name}: shape {tuple(incoming.shape)} does not match {expected}")
                     return
-            for name in self._vector_names:  # give the buffers the incoming shapes so copy_ works
-                incoming = state_dict.get(prefix + name)
-                if incoming is not None:
-                    self._buffers[name] = torch.empty(
-                        incoming.shape, dtype=self._vector_dtype(), device=self.weight.device
-                    )
+            if geometry is not None and (self._geometry != geometry or self.u is None):
+                self._allocate(geometry)  # buffers of the incoming shapes, so copy_ works
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        self._reset_caches()
+        self._refreshed_at = None
+        if self.materialized:
+            self._recompute_constants()
 
     def _apply(self, fn, recurse=True):
-        # Keep the vectors in the compute dtype (float32 for half/bfloat16 weights) across .half() etc.
-        saved = {name: self._buffers.get(name) for name in self._vector_names}
+        # Keep vectors and constants in the compute dtype (float32 for half/bfloat16 weights).
+        saved = {name: self._buffers.get(name) for name in (*self._vector_names, *_CONSTANT_NAMES)}
         super()._apply(fn, recurse)
         target = self._vector_dtype()
         for name, old in saved.items():
             new = self._buffers.get(name)
             if old is not None and new is not None and new.dtype != target:
                 self._buffers[name] = old.to(device=new.device, dtype=target)
-        self._rank_one = None
-        self._gram_cache = {}
+        self._resolve_ops()
         return self
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_refreshed_at"] = self.materialized and not self.is_stale()  # a copy is as fresh as its original
+        state.pop("_op_impl", None)  # a module object: resolved again on load
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._refreshed_at = self._weight_key() if state.get("_refreshed_at") is True else None
+        self._resolve_ops()
+        _refresh.register(self)
 
 
 def _no_autocast(tensor: torch.Tensor):

@@ -36,6 +36,8 @@ def _buffers(layer):
 @pytest.mark.parametrize("variant", ("projected", "paper"))
 def test_recurrent_unroll_advances_once_and_matches_reference_gradient(variant):
     layer = _layer(variant=variant, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.mul_(1.01)  # as an optimizer step would: the next training forward refreshes
     twin = copy.deepcopy(layer)
     frames = torch.randn(7, 2, 4, 8, 8, dtype=torch.float64)
     h = torch.zeros(2, 5, 8, 8, dtype=torch.float64)
@@ -274,19 +276,36 @@ def test_effective_weight_needs_input_size():
         _layer(input_size=None).effective_weight()
 
 
-def test_torch_compile_matches_eager():
+def test_recurrent_model_compiles_fullgraph_and_matches_eager_across_steps():
+    class Recurrent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = SRNCConv2d(7, 4, 3, padding=1, beta=0.5, input_size=8)
+            self.b = SRNCConv2d(4, 4, 3, padding=1, padding_mode="circular", alpha=0.9, input_size=8)
+
+        def forward(self, x):
+            h, outs = x.new_zeros(x.shape[0], 4, 8, 8), []
+            for t in range(x.shape[1]):
+                h = torch.relu(self.b(torch.relu(self.a(torch.cat([x[:, t], h], 1)))))
+                outs.append(h)
+            return torch.stack(outs, 1)
+
     torch.manual_seed(0)
-    model = torch.nn.Sequential(SRNCConv2d(3, 4, 3, padding=1, beta=0.5, input_size=8), torch.nn.ReLU(),
-                                SRNCConv2d(4, 3, 3, padding=1, padding_mode="circular", input_size=8))
-    x = torch.randn(2, 3, 8, 8)
+    model = Recurrent()
     eager = copy.deepcopy(model)
-    compiled = torch.compile(model)
-    out = compiled(x)
-    expected = eager(x)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-    out.sum().backward()
-    expected.sum().backward()
-    torch.testing.assert_close(model[0].weight.grad, eager[0].weight.grad, rtol=1e-4, atol=1e-6)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 3, 3, 8, 8)
+    opt, opt_eager = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(eager.parameters(), lr=0.1)
+    for _ in range(3):  # the optimizer hook refreshes between compiled steps
+        out, expected = compiled(x), eager(x)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        out.square().mean().backward()
+        expected.square().mean().backward()
+        torch.testing.assert_close(model.a.weight.grad, eager.a.weight.grad, rtol=1e-4, atol=1e-6)
+        for o in (opt, opt_eager):
+            o.step()
+            o.zero_grad()
+        torch.testing.assert_close(model.a.u, eager.a.u, rtol=1e-5, atol=1e-6)
     model.eval()
     eager.eval()
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,136 @@
+"""Batched, once-per-step refresh of the power iterations of many SRN-C layers.
+
+Layers whose operators share a signature (``ConvGeometry``: shapes, stride, padding, dilation,
+groups, padding mode, input size) and SRN-C settings are refreshed together: their kernels are
+stacked into one grouped convolution (``groups * L``), so each power-iteration step costs one
+grouped conv, one grouped transposed conv and one segmented normalization for the whole group,
+and the rank-one kernels of all L layers come from one grouped weight-gradient conv.
+
+It runs automatically after every ``torch.optim.Optimizer.step()`` for the training-mode
+layers whose weights that optimizer holds (a global step post-hook), batched across them;
+a layer whose weight changed otherwise (``load_state_dict``, an in-place edit, a custom
+update rule) refreshes alone on its next training-mode forward (eager mode).
+``refresh(model)`` is the explicit entry point.
+"""
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections import defaultdict
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .ops import VARIANT_PROJECTED, prepare_constants
+from .operator import ConvGeometry
+
+_LAYERS: "weakref.WeakSet" = weakref.WeakSet()
+BATCHED = True  # False: one group per layer (the per-layer path; for tests and benchmarks)
+
+
+def register(layer) -> None:
+    _LAYERS.add(layer)
+
+
+def stacked(geometry: ConvGeometry, n_layers: int) -> ConvGeometry:
+    """The geometry of ``n_layers`` same-signature convs run side by side as one grouped conv."""
+    return dataclasses.replace(
+        geometry,
+        in_channels=geometry.in_channels * n_layers,
+        out_channels=geometry.out_channels * n_layers,
+        groups=geometry.groups * n_layers,
+    )
+
+
+def _layers_of(model_or_layers) -> List[nn.Module]:
+    from .module import SRNCConv2d
+
+    if isinstance(model_or_layers, nn.Module):
+        return [m for m in model_or_layers.modules() if isinstance(m, SRNCConv2d)]
+    return [m for m in model_or_layers if isinstance(m, SRNCConv2d)]
+
+
+def refresh(model_or_layers, n_iterations: Optional[int] = None) -> int:
+    """Refresh every materialized SRN-C layer of a model (or an iterable of layers), batched by
+    signature; ``n_iterations`` defaults to each layer's ``n_power_iterations``. Returns the
+    number of layers refreshed."""
+    layers = [m for m in _layers_of(model_or_layers) if m.materialized]
+    refresh_layers(layers, n_iterations)
+    return len(layers)
+
+
+def refresh_layers(layers: Iterable[nn.Module], n_iterations: Optional[int] = None, mark_refreshed: bool = True) -> None:
+    """Refresh ``layers`` (materialized), one batched refresh per signature."""
+    groups: Dict[tuple, list] = defaultdict(list)
+    for layer in layers:
+        n = layer.n_power_iterations if n_iterations is None else n_iterations
+        groups[(layer.signature() if BATCHED else id(layer), n)].append(layer)
+    for (_, n), members in groups.items():
+        _refresh_group(members, n, mark_refreshed)
+
+
+@torch.no_grad()
+def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: bool = True) -> None:
+    """One batched refresh; buffers of the layers change only if all of it succeeds."""
+    first, n = layers[0], len(layers)
+    geometry, eps, code = first.geometry, first.eps, first.variant_code
+    taps = geometry.kernel_size[0] * geometry.kernel_size[1]
+    weights = [m.weight for m in layers]
+    finite = torch.stack([torch.isfinite(w).all() for w in weights])
+    if not bool(finite.all()):
+        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+        raise ValueError(
+            f"weight contains NaN or inf (layers {bad} of this refresh group); the power-iteration vectors were not updated"
+        )
+    ops = first._op_impl
+    group = stacked(geometry, n)
+    with _no_autocast(first.weight):
+        kernel = torch.cat([w.detach().to(first._vector_dtype()) for w in weights])  # (L*C_out, C_in/g, kh, kw)
+        u, v = _power_iteration(ops, group, kernel, torch.cat([m.u for m in layers], 1),
+                                torch.cat([m.v for m in layers], 1), n_iterations, n, eps)
+        s1 = group.kernel_grad(v, u).reshape(n, -1, taps)
+        new = {"u": u, "v": v}
+        s1_out = s1
+        if code == VARIANT_PROJECTED:
+            # With S1 standing in for S1_out the op returns alpha K_rw / (<K,S1>/(<K,S1>+eps) + eps),
+            # a positive multiple of K_rw: all the second power iteration needs.
+            direction, consts = prepare_constants(s1, s1, first._gram_pinv, code)
+            scaled, _ = ops.reweight_forward(kernel.reshape(n, -1, taps), s1, direction, s1, first._gram, consts,
+                                             *first.op_scalars())
+            u_out, v_out = _power_iteration(ops, group, scaled.reshape(kernel.shape), torch.cat([m.u_out for m in layers], 1),
+                                            torch.cat([m.v_out for m in layers], 1), n_iterations, n, eps)
+            s1_out = group.kernel_grad(v_out, u_out).reshape(n, -1, taps)
+            new.update(u_out=u_out, v_out=v_out)
+        direction, consts = prepare_constants(s1, s1_out, first._gram_pinv, code)
+    for i, layer in enumerate(layers):
+        layer._commit({name: value.chunk(n, 1)[i] for name, value in new.items()},
+                      s1[i : i + 1], direction[i : i + 1], s1_out[i : i + 1], consts[i : i + 1], mark_refreshed)
+
+
+def _power_iteration(ops, group, kernel, u, v, n_iterations, n_layers, eps):
+    for _ in range(n_iterations):
+        v = ops.normalize_segments(group.adjoint(kernel, u).reshape(n_layers, -1), v.reshape(n_layers, -1), eps).reshape(v.shape)
+        u = ops.normalize_segments(group.apply(kernel, v).reshape(n_layers, -1), u.reshape(n_layers, -1), eps).reshape(u.shape)
+    return u, v
+
+
+def _no_autocast(tensor: torch.Tensor):
+    import contextlib
+
+    if tensor.device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=tensor.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _optimizer_step_post_hook(optimizer, args, kwargs) -> None:
+    if not _LAYERS:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    stale = [m for m in list(_LAYERS) if m.training and m.materialized and id(m.weight) in held and m.is_stale()]
+    if stale:
+        refresh_layers(stale)
+
+
+_HOOK = register_optimizer_step_post_hook(_optimizer_step_post_hook)

@@ -1,0 +1,79 @@
+"""Batched multi-layer refresh: equal to the per-layer path, automatic once per optimizer step."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import srnc_ext
+from srnc_ext import SRNCConv2d
+from srnc_ext import batched_refresh as refresh_module
+
+
+class Stack(nn.Module):
+    """12 same-signature layers plus two of other signatures, feature-recurrent."""
+
+    def __init__(self, beta, variant, dtype=torch.float64):
+        super().__init__()
+        kw = dict(beta=beta, variant=variant, input_size=8, dtype=dtype)
+        self.inp = SRNCConv2d(5, 5, 3, padding=1, **kw)
+        self.body = nn.ModuleList(SRNCConv2d(5, 5, 3, padding=1, alpha=1.2, **kw) for _ in range(12))
+        self.out = SRNCConv2d(5, 3, 1, **kw)
+
+    def forward(self, x):
+        h = torch.zeros_like(x)
+        for t in range(3):
+            h = torch.tanh(self.inp(x + h))
+            for layer in self.body:
+                h = h + 0.1 * torch.relu(layer(h))
+        return self.out(h)
+
+
+def _train(model, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        x = torch.randn(2, 5, 8, 8, generator=gen, dtype=model.out.weight.dtype)
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("variant,beta", [("projected", 0.3), ("projected", 1.0), ("paper", 0.3)])
+def test_batched_refresh_equals_per_layer_after_20_steps(variant, beta, monkeypatch):
+    torch.manual_seed(0)
+    batched = Stack(beta, variant)
+    per_layer = copy.deepcopy(batched)
+    _train(batched, 20)
+    monkeypatch.setattr(refresh_module, "BATCHED", False)
+    _train(per_layer, 20)
+    for (name, a), b in zip(batched.state_dict().items(), per_layer.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_refresh_runs_once_per_optimizer_step_batched(monkeypatch):
+    torch.manual_seed(0)
+    model = Stack(0.5, "projected", torch.float32)
+    calls = []
+    original = refresh_module._refresh_group
+    monkeypatch.setattr(refresh_module, "_refresh_group", lambda layers, *a: calls.append(len(layers)) or original(layers, *a))
+    _train(model, 2)
+    # per step: inp and the 12 body layers share a signature (alpha is not part of it), out is alone
+    assert calls == [13, 1, 13, 1], calls
+
+
+def test_explicit_refresh_entry_point_and_eval_model_is_left_alone():
+    torch.manual_seed(0)
+    model = Stack(0.5, "projected", torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert srnc_ext.refresh(model, n_iterations=3) == 14
+    assert not torch.equal(model.body[0].u, before["body.0.u"])
+    model.eval()
+    frozen = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(1, 5, 8, 8)).sum().backward()
+    opt.step()  # the hook refreshes training-mode layers only
+    for name in ("body.0.u", "inp.v_out"):
+        torch.testing.assert_close(model.state_dict()[name], frozen[name], rtol=0, atol=0)
