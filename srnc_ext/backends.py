@@ -4,7 +4,8 @@ Names: ``"auto"`` (the compiled op for the tensor's device, else Triton, else th
 ``"cuda"`` / ``"cpu"`` (the compiled C++/CUDA op, an error if it is missing), ``"triton"``
 and ``"reference"`` (pure PyTorch, ``srnc_ext.ops.reweight_ref``). Precedence: a layer's own
 ``backend``, then ``set_backend(...)``, then the environment variable ``SRNC_BACKEND``, then
-``"auto"``. Every backend exposes ``normalize_segments`` and ``reweight_forward`` (with autograd).
+``"auto"``. Every backend exposes ``normalize_segments``, ``reweight_forward`` (with autograd) and
+``reweight_backward``.
 """
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ _REFERENCE = SimpleNamespace(
     name="reference",
     normalize_segments=reweight_ref.normalize_segments,
     reweight_forward=reweight_ref.reweight_forward,
+    reweight_backward=reweight_ref.reweight_backward,
 )
 
 
@@ -83,7 +85,7 @@ def resolve(name: Optional[str], device: torch.device) -> str:
     """The concrete implementation (``"compiled"``, ``"triton"``, ``"reference"``) for ``name`` on ``device``."""
     name = check_backend(name) or get_backend()
     kind = torch.device(device).type
-    if name == "reference":
+    if name == "reference" or kind == "meta":  # meta: shapes only (convert builds layers there)
         return "reference"
     if name in ("cuda", "cpu"):
         if kind != name:

@@ -127,6 +127,8 @@ class SRNCConv2d(nn.Conv2d):
         self._backend = backend
         self._geometry: Optional[ConvGeometry] = None
         self._refreshed_at: Optional[Tuple[int, int]] = None
+        self._state_version = 0  # bumped whenever vectors/constants change: invalidates _weight_cache
+        self._weight_cache = None
         for name in self._vector_names:
             self.register_buffer(name, None)
         for name in _CONSTANT_NAMES:
@@ -246,6 +248,7 @@ class SRNCConv2d(nn.Conv2d):
             getattr(self, name).copy_(value)
         for name, value in (("_s1", s1), ("_direction", direction), ("_s1_out", s1_out), ("_consts", consts)):
             getattr(self, name).copy_(value)
+        self._state_version += 1
         if mark_refreshed:
             self._refreshed_at = self._weight_key()
 
@@ -264,15 +267,37 @@ class SRNCConv2d(nn.Conv2d):
 
     # ------------------------------------------------------------------ forward
     def effective_weight(self) -> torch.Tensor:
-        """The weight the forward uses: ``alpha * K~`` (differentiable w.r.t. ``weight``)."""
+        """The weight the forward uses: ``alpha * K~`` (differentiable w.r.t. ``weight``).
+
+        In eager mode it is computed once per weight version and refresh and shared by every
+        forward until then (a T-frame unroll runs the reweight op once, and its backward once
+        per ``backward()`` call); under ``torch.compile`` the op is traced into the graph.
+        """
         if not self.materialized:
             raise RuntimeError("input_size is unknown: pass input_size= or run a forward first")
+        if torch.compiler.is_compiling():
+            return self._reweight()
+        weight = self.weight
+        key = (self._weight_key(), self._state_version, torch.is_grad_enabled(), weight.requires_grad,
+               self.alpha, self.beta, self.eps, id(self._op_impl))
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            if torch.is_grad_enabled() and weight.requires_grad:
+                out = _SharedReweight.apply(weight, self)
+            else:
+                with torch.no_grad():
+                    out = self._reweight()
+            self._weight_cache = (key, out)
+        return self._weight_cache[1]
+
+    def _op_inputs(self) -> tuple:
+        return (self._s1, self._direction, self._s1_out, self._gram, self._consts)
+
+    def _reweight(self) -> torch.Tensor:
+        """The reweight op with its own autograd (traceable by ``torch.compile``)."""
         weight = self.weight
         with _no_autocast(weight):
             kernel = weight.to(self._vector_dtype()).reshape(self._s1.shape)
-            out, _ = self._op_impl.reweight_forward(
-                kernel, self._s1, self._direction, self._s1_out, self._gram, self._consts, *self.op_scalars()
-            )
+            out, _ = self._op_impl.reweight_forward(kernel, *self._op_inputs(), *self.op_scalars())
         return out.reshape(weight.shape).to(weight.dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -342,12 +367,14 @@ class SRNCConv2d(nn.Conv2d):
             if old is not None and new is not None and new.dtype != target:
                 self._buffers[name] = old.to(device=new.device, dtype=target)
         self._resolve_ops()
+        self._weight_cache = None
         return self
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_refreshed_at"] = self.materialized and not self.is_stale()  # a copy is as fresh as its original
         state.pop("_op_impl", None)  # a module object: resolved again on load
+        state["_weight_cache"] = None  # holds an autograd graph
         return state
 
     def __setstate__(self, state):
@@ -355,6 +382,30 @@ class SRNCConv2d(nn.Conv2d):
         self._refreshed_at = self._weight_key() if state.get("_refreshed_at") is True else None
         self._resolve_ops()
         _refresh.register(self)
+
+
+class _SharedReweight(torch.autograd.Function):
+    """The effective weight as one autograd node that every forward of a step can share.
+
+    Its inputs for the backward are kept on ``ctx`` (not ``save_for_backward``), so the node
+    survives one ``backward()`` and serves the next micro-batch of gradient accumulation; the
+    layer drops it (``_weight_cache``) as soon as the weight or the vectors change.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, layer):
+        with torch.no_grad(), _no_autocast(weight):
+            kernel = weight.detach().to(layer._vector_dtype()).reshape(layer._s1.shape)
+            out, stats = layer._op_impl.reweight_forward(kernel, *layer._op_inputs(), *layer.op_scalars())
+        ctx.saved = (layer._op_impl, kernel, layer._op_inputs(), stats, layer.op_scalars(), weight.shape, weight.dtype)
+        return out.reshape(weight.shape).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ops, kernel, inputs, stats, scalars, shape, dtype = ctx.saved
+        with torch.no_grad(), _no_autocast(grad):
+            grad_kernel = ops.reweight_backward(grad.to(kernel.dtype).reshape(kernel.shape), kernel, *inputs, stats, *scalars)
+        return grad_kernel.reshape(shape).to(dtype), None
 
 
 def _no_autocast(tensor: torch.Tensor):

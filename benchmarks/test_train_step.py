@@ -1,0 +1,88 @@
+"""(a) training-step time and (d) memory of the recurrent model, as ratios to plain nn.Conv2d.
+
+CPU: 32 channels, batch 4, 7 frames, 32x32 (srnc-notes 4). GPU (``gpu`` marker, skipped
+without one): the paper's scale, 64 channels, batch 32, 7 frames, 64x64. Each kind is timed
+with pytest-benchmark; ``test_ratio_table`` re-times all kinds interleaved in one process
+(median of rounds) and writes the table to ``benchmarks/results/``.
+"""
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from workloads import available_srnc_kinds, build, make_step, saved_activation_bytes
+
+RESULTS = Path(__file__).parent / "results"
+CPU = dict(width=32, batch=4, frames=7, size=32, device="cpu")
+GPU = dict(width=64, batch=32, frames=7, size=64, device="cuda")
+BASE_KINDS = ["plain", "torch_sn", "per_call"]
+
+
+def _kinds(device):
+    return BASE_KINDS + available_srnc_kinds(device)
+
+
+def _step(kind, config):
+    model = build(kind, config["width"], config["size"], config["device"])
+    step = make_step(model, config["batch"], config["frames"], config["size"], config["device"])
+    step()  # warm up (materialization, allocator, first refresh)
+    return step
+
+
+@pytest.mark.parametrize("kind", _kinds("cpu"))
+def test_train_step_cpu(benchmark, kind):
+    benchmark.group = "train-step-cpu"
+    benchmark.pedantic(_step(kind, CPU), rounds=5, iterations=1)
+
+
+def _ratio_table(config, rounds, name):
+    kinds = _kinds(config["device"])
+    steps = {kind: _step(kind, config) for kind in kinds}
+    times = {kind: [] for kind in kinds}
+    for _ in range(rounds):  # interleaved, so drift affects every kind alike
+        for kind, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[kind].append(time.perf_counter() - start)
+    memory = {}
+    for kind, step in steps.items():
+        if config["device"] == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            memory[kind] = torch.cuda.max_memory_allocated()
+        else:
+            memory[kind] = saved_activation_bytes(step)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    device = torch.cuda.get_device_name() if config["device"] == "cuda" else platform.processor() or platform.machine()
+    lines = [
+        f"Machine: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads. Workload: {config}, "
+        f"median of {rounds} interleaved steps.",
+        "",
+        "| kind | step time (ms) | ratio to plain | memory (MiB) | memory ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in kinds:
+        lines.append(f"| {kind} | {1e3 * median[kind]:.1f} | {median[kind] / median['plain']:.3f} | "
+                     f"{memory[kind] / 2**20:.1f} | {memory[kind] / memory['plain']:.3f} |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"config": config, "device": device, "median_s": median,
+                                                      "memory_bytes": memory}, indent=1))
+    print("\n".join(lines))
+    return median
+
+
+def test_ratio_table_cpu():
+    median = _ratio_table(CPU, rounds=7, name="train_step_cpu")
+    assert all(v > 0 for v in median.values())
+
+
+@pytest.mark.gpu
+def test_ratio_table_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _ratio_table(GPU, rounds=20, name="train_step_gpu")
