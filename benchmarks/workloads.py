@@ -9,7 +9,9 @@ frames, square crops. Variants of its convolutions:
 * ``per_call``: a straightforward SRN-C parametrization (``torch.nn.utils.parametrize``)
   that runs the power iteration and the reweighting on every access of the weight, i.e. once
   per frame of the unroll, per-layer, with ``srnc_ext.reference``;
-* ``srnc-<backend>``: ``SRNCConv2d`` (batched once-per-step refresh) with that backend.
+* ``srnc-<backend>``: ``SRNCConv2d`` (batched once-per-step refresh) with that backend, at the
+  paper's soft setting alpha = 2, beta = 0.1 (projected variant: two power iterations);
+  ``srnc-<backend>-beta1``: the hard setting alpha = 1, beta = 1 (one power iteration).
 """
 from __future__ import annotations
 
@@ -83,7 +85,9 @@ def build(kind: str, width: int, size: int, device="cpu", seed: int = 0) -> nn.M
         for conv in convs:
             parametrize.register_parametrization(conv, "weight", PerCallSRNC(conv, size).to(device))
     elif kind.startswith("srnc-"):
-        srnc_ext.convert(model, alpha=ALPHA, beta=BETA, input_size=size, backend=kind[len("srnc-"):])
+        backend, _, hard = kind[len("srnc-"):].partition("-")
+        alpha, beta = (1.0, 1.0) if hard == "beta1" else (ALPHA, BETA)
+        srnc_ext.convert(model, alpha=alpha, beta=beta, input_size=size, backend=backend)
     else:
         raise ValueError(f"unknown kind {kind!r}")
     return model
@@ -95,7 +99,7 @@ def available_srnc_kinds(device: str) -> list:
         kinds.insert(0, "srnc-cuda" if device.startswith("cuda") else "srnc-cpu")
     if srnc_ext.backends.triton_available(torch.device(device).type) and device.startswith("cuda"):
         kinds.append("srnc-triton")
-    return kinds
+    return kinds + [kinds[0] + "-beta1"]
 
 
 def make_step(model: nn.Module, batch: int, frames: int, size: int, device="cpu"):

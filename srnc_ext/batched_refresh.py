@@ -104,8 +104,9 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
             s1_out = group.kernel_grad(v_out, u_out).reshape(n, -1, taps)
             new.update(u_out=u_out, v_out=v_out)
         direction, consts = prepare_constants(s1, s1_out, first._gram_pinv, code)
+    chunks = {name: value.chunk(n, 1) for name, value in new.items()}
     for i, layer in enumerate(layers):
-        layer._commit({name: value.chunk(n, 1)[i] for name, value in new.items()},
+        layer._commit({name: chunk[i] for name, chunk in chunks.items()},
                       s1[i : i + 1], direction[i : i + 1], s1_out[i : i + 1], consts[i : i + 1], mark_refreshed)
 
 
