@@ -78,16 +78,14 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
     geometry, eps, code = first.geometry, first.eps, first.variant_code
     taps = geometry.kernel_size[0] * geometry.kernel_size[1]
     weights = [m.weight for m in layers]
-    finite = torch.stack([torch.isfinite(w).all() for w in weights])
-    if not bool(finite.all()):
-        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
-        raise ValueError(
-            f"weight contains NaN or inf (layers {bad} of this refresh group); the power-iteration vectors were not updated"
-        )
     ops = first._op_impl
     group = stacked(geometry, n)
     with _no_autocast(first.weight):
         kernel = torch.cat([w.detach().to(first._vector_dtype()) for w in weights])  # (L*C_out, C_in/g, kh, kw)
+        if not bool(torch.isfinite(kernel).all()):
+            bad = [i for i, w in enumerate(weights) if not bool(torch.isfinite(w).all())]
+            raise ValueError(f"weight contains NaN or inf (layers {bad} of this refresh group); "
+                             "the power-iteration vectors were not updated")
         u, v = _power_iteration(ops, group, kernel, torch.cat([m.u for m in layers], 1),
                                 torch.cat([m.v for m in layers], 1), n_iterations, n, eps)
         s1 = group.kernel_grad(v, u).reshape(n, -1, taps)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -201,6 +201,14 @@ class ConvGeometry:
         return (batch, self.out_channels, *self.output_size)
 
     # ----------------------------------------------------------------- the operator
+    @property
+    def _conv_padding(self) -> Optional[IntPair]:
+        """Symmetric zero padding that the convolution itself can apply (saves a padded copy)."""
+        left, right, top, bottom = self.pad
+        if self.padding_mode == "zeros" and left == right and top == bottom:
+            return (top, left)
+        return None
+
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad == (0, 0, 0, 0):
             return x
@@ -218,6 +226,8 @@ class ConvGeometry:
 
     def apply(self, kernel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``W x``: ``x (B, C_in, H, W) -> (B, C_out, H', W')``, no bias."""
+        if self._conv_padding is not None:
+            return F.conv2d(x, kernel, None, self.stride, self._conv_padding, self.dilation, self.groups)
         return F.conv2d(self._pad(x), kernel, None, self.stride, 0, self.dilation, self.groups)
 
     def adjoint(self, kernel: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -231,8 +241,12 @@ class ConvGeometry:
             g = self.groups
             c_out, c_in_g = kernel.shape[:2]
             swapped = kernel.reshape(g, c_out // g, c_in_g, kh, kw).transpose(1, 2).reshape(g * c_in_g, c_out // g, kh, kw)
-            full = (dw * (kw - 1), dw * (kw - 1), dh * (kh - 1), dh * (kh - 1))
-            z = F.conv2d(F.pad(y, full), swapped.flip(-2, -1), None, 1, 0, self.dilation, g)
+            full_h, full_w = dh * (kh - 1), dw * (kw - 1)
+            same = self._conv_padding
+            if same is not None and same[0] <= full_h and same[1] <= full_w:  # pad and crop in one conv
+                padding = (full_h - same[0], full_w - same[1])
+                return F.conv2d(y, swapped.flip(-2, -1), None, 1, padding, self.dilation, g)
+            z = F.conv2d(F.pad(y, (full_w, full_w, full_h, full_h)), swapped.flip(-2, -1), None, 1, 0, self.dilation, g)
         else:
             output_padding = (hp - ((ho - 1) * sh + dh * (kh - 1) + 1), wp - ((wo - 1) * sw + dw * (kw - 1) + 1))
             z = F.conv_transpose2d(y, kernel, None, self.stride, 0, output_padding, self.groups, self.dilation)
@@ -244,6 +258,8 @@ class ConvGeometry:
         With unit vectors ``x = v``, ``y = u`` this is the paper's ``S1`` (Algorithm 2, step 5),
         and ``<K, S1> = <u, W(K) v>`` exactly, by linearity.
         """
+        if self._conv_padding is not None:
+            return torch.nn.grad.conv2d_weight(x, self.weight_shape, y, self.stride, self._conv_padding, self.dilation, self.groups)
         return torch.nn.grad.conv2d_weight(self._pad(x), self.weight_shape, y, self.stride, 0, self.dilation, self.groups)
 
     # ----------------------------------------------------------------- index maps and Gram
