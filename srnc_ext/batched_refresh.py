@@ -126,8 +126,10 @@ def _no_autocast(tensor: torch.Tensor):
 def _optimizer_step_post_hook(optimizer, args, kwargs) -> None:
     if not _LAYERS:
         return
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    stale = [m for m in list(_LAYERS) if m.training and m.materialized and id(m.weight) in held and m.is_stale()]
+    by_weight = {id(m.weight): m for m in list(_LAYERS)}
+    # in the optimizer's parameter order: the grouping (and its float rounding) is reproducible
+    held = [by_weight.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
+    stale = [m for m in held if m is not None and m.training and m.materialized and m.is_stale()]
     if stale:
         refresh_layers(stale)
 

@@ -38,8 +38,11 @@ from .reference import VARIANTS
 
 WARMUP_ITERATIONS = 15
 _VECTOR_NAMES = ("u", "v", "u_out", "v_out")
-# Derived from the vectors (never saved): the rank-one kernels and the ops' constants.
-_CONSTANT_NAMES = ("_s1", "_direction", "_s1_out", "_consts", "_gram", "_gram_pinv")
+# Derived from the vectors: the rank-one kernels and the ops' constants. They are saved too, so a
+# loaded layer computes bit for bit what the saved one did (a batched refresh and a per-layer
+# recomputation differ in float rounding); the Gram matrices depend on the geometry only.
+_SAVED_CONSTANT_NAMES = ("_s1", "_direction", "_s1_out", "_consts")
+_CONSTANT_NAMES = (*_SAVED_CONSTANT_NAMES, "_gram", "_gram_pinv")
 
 
 def _check_float_dtype(dtype: Optional[torch.dtype]) -> None:
@@ -132,7 +135,7 @@ class SRNCConv2d(nn.Conv2d):
         for name in self._vector_names:
             self.register_buffer(name, None)
         for name in _CONSTANT_NAMES:
-            self.register_buffer(name, None, persistent=False)
+            self.register_buffer(name, None, persistent=name in _SAVED_CONSTANT_NAMES)
         self._resolve_ops()
         _refresh.register(self)
         if input_size is not None:
@@ -321,7 +324,10 @@ class SRNCConv2d(nn.Conv2d):
         )
 
     def get_extra_state(self):
-        return {"input_size": self.input_size, "variant": self.variant}
+        # "fresh": the vectors were refreshed for exactly the saved weight, so a resumed run does
+        # not refresh again before its first step (resume equals an uninterrupted run)
+        return {"input_size": self.input_size, "variant": self.variant,
+                "fresh": bool(self.materialized and not self.is_stale())}
 
     def set_extra_state(self, state) -> None:
         size = state.get("input_size")
@@ -353,9 +359,10 @@ class SRNCConv2d(nn.Conv2d):
             if geometry is not None and (self._geometry != geometry or self.u is None):
                 self._allocate(geometry)  # buffers of the incoming shapes, so copy_ works
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        self._refreshed_at = None
-        if self.materialized:
-            self._recompute_constants()
+        fresh = isinstance(extra, dict) and extra.get("fresh") is True and (prefix + "weight") in state_dict
+        self._refreshed_at = self._weight_key() if fresh and self.materialized else None
+        if self.materialized and any(prefix + name not in state_dict for name in _SAVED_CONSTANT_NAMES):
+            self._recompute_constants()  # a state_dict without them (vectors only)
 
     def _apply(self, fn, recurse=True):
         # Keep vectors and constants in the compute dtype (float32 for half/bfloat16 weights).
