@@ -1,0 +1,125 @@
+"""Training loop, checkpoints, exact resume, config handling and the CLI at a tiny size."""
+import json
+import os
+
+import pytest
+import torch
+
+from training import checkpoint
+from training.config import make_config
+from training.run import main
+from training.train import train
+
+TINY = ["steps=8", "width=4", "crop=16", "frames=3", "batch=2", "log_every=1", "checkpoint_every=2",
+        "eval_clips=1", "long_frames=12"]
+
+
+def _config(*extra):
+    return make_config("smoke", overrides=TINY + list(extra))
+
+
+@pytest.mark.parametrize("method", ["none", "srnc"])
+def test_loss_decreases(method, tmp_path):
+    config = _config("steps=40", "lr=3e-3", "schedule=constant", "width=8")
+    train(config, method, tmp_path, progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+
+
+@pytest.mark.parametrize("method", ["none", "srnc"])
+def test_resume_equals_uninterrupted(method, tmp_path):
+    config = _config("deterministic=true")
+    train(config, method, tmp_path / "full", progress=False)
+    train(config, method, tmp_path / "split", progress=False, stop_after=3)
+    train(config, method, tmp_path / "split", progress=False, resume=True)
+    full = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    split = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in split] == [r["step"] for r in full]
+    assert [r["loss"] for r in split] == [r["loss"] for r in full]
+    a = checkpoint.load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    b = checkpoint.load_checkpoint(tmp_path / "split" / "checkpoint.pt")["model"]
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+        else:
+            assert a[key] == b[key], key
+
+
+def test_incompatible_resume_says_why(tmp_path):
+    train(_config(), "none", tmp_path, progress=False, stop_after=2)
+    with pytest.raises(ValueError, match="width"):
+        train(_config("width=6"), "none", tmp_path, progress=False, resume=True)
+    with pytest.raises(ValueError, match="method"):
+        train(_config(), "srnc", tmp_path, progress=False, resume=True)
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    checkpoint.save_checkpoint(path, {"step": 1})
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(path, {"step": 2})
+    assert checkpoint.load_checkpoint(path) == {"step": 1}
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path, monkeypatch):
+    import training.train as train_module
+
+    calls = {"n": 0}
+    original = train_module.make_batch
+
+    def interrupt_on_fourth(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(train_module, "make_batch", interrupt_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(), "srnc", tmp_path, progress=False)
+    assert checkpoint.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
+
+
+@pytest.mark.parametrize("override,match", [("model=vresnet-lstm", "vresnet-feat"), ("methods=none,magic", "srnc"),
+                                            ("beta=2", "beta"), ("widht=3", "valid keys"), ("steps=abc", "steps")])
+def test_bad_config_names_the_argument(override, match, capsys, tmp_path):
+    assert main(["--set", override, "--out", str(tmp_path)]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_missing_dataset_fails_before_training(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train(_config(f"data={tmp_path / 'nowhere'}"), "none", tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_pipeline_end_to_end_at_tiny_size(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--preset", "smoke", *sum((["--set", s] for s in TINY), []), "--out", str(out), "--no-progress"]) == 0
+    for name in ("config.json", "metrics.json", "report.md", "psnr_per_frame.png", "psnr_long_sequence.png",
+                 "spectra.png", "none/checkpoint.pt", "srnc/checkpoint.pt", "srnc/log.csv"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["eval"]) == {"none", "srnc"} and metrics["instability"]["srnc"]["frames"] == 12
+
+
+def test_stage_subcommands(tmp_path):
+    out = tmp_path / "run"
+    sets = sum((["--set", s] for s in TINY), [])
+    assert main(["train", "--method", "srnc", *sets, "--out", str(out), "--no-progress"]) == 0
+    ckpt = str(out / "srnc" / "checkpoint.pt")
+    for command in ("eval", "instability", "spectra"):
+        assert main([command, "--checkpoint", ckpt, "--method", "srnc", *sets, "--out", str(out / command)]) == 0
+        assert (out / command / "metrics.json").is_file()
+
+
+def test_help_lists_models_and_methods(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "vresnet-feat" in text and "srnc" in text and "--set" in text

@@ -1,0 +1,1 @@
+"""Training bench for "Diagnosing and Preventing Instabilities in Recurrent Video Processing"."""
