@@ -11,11 +11,11 @@ from .backends import BACKENDS, get_backend, set_backend
 from .convert import convert, to_conv2d
 from .module import SRNCConv2d
 from .operator import ConvGeometry
-from .batched_refresh import refresh
+from .batched_refresh import mark_fresh, refresh
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SRNCConv2d", "convert", "to_conv2d", "refresh", "spectral", "reference", "ConvGeometry",
+    "SRNCConv2d", "convert", "to_conv2d", "refresh", "mark_fresh", "spectral", "reference", "ConvGeometry",
     "BACKENDS", "get_backend", "set_backend", "__version__",
 ]

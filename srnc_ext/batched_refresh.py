@@ -61,6 +61,19 @@ def refresh(model_or_layers, n_iterations: Optional[int] = None) -> int:
     return len(layers)
 
 
+def mark_fresh(model_or_layers) -> int:
+    """Declare the current power-iteration state fresh for the current weights, without iterating.
+
+    For in-place copies that bump the weights' version counters without changing what the
+    vectors were refreshed for, e.g. ``DistributedDataParallel``'s initial broadcast of rank 0's
+    weights *and* buffers. Returns the number of layers marked.
+    """
+    layers = [m for m in _layers_of(model_or_layers) if m.materialized]
+    for layer in layers:
+        layer._refreshed_at = layer._weight_key()
+    return len(layers)
+
+
 def refresh_layers(layers: Iterable[nn.Module], n_iterations: Optional[int] = None, mark_refreshed: bool = True) -> None:
     """Refresh ``layers`` (materialized), one batched refresh per signature."""
     groups: Dict[tuple, list] = defaultdict(list)

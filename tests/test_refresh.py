@@ -77,3 +77,14 @@ def test_explicit_refresh_entry_point_and_eval_model_is_left_alone():
     opt.step()  # the hook refreshes training-mode layers only
     for name in ("body.0.u", "inp.v_out"):
         torch.testing.assert_close(model.state_dict()[name], frozen[name], rtol=0, atol=0)
+
+
+def test_mark_fresh_after_an_in_place_copy_of_the_same_values():
+    torch.manual_seed(0)
+    model = Stack(0.5, "projected", torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p)  # as DistributedDataParallel's initial broadcast does
+    assert all(m.is_stale() for m in model.modules() if isinstance(m, SRNCConv2d))
+    assert srnc_ext.mark_fresh(model) == 14
+    assert not any(m.is_stale() for m in model.modules() if isinstance(m, SRNCConv2d))

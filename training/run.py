@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -116,9 +117,12 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    command = args.command or "pipeline"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and command != "train":
+        print("error: under torchrun use the `train` subcommand (evaluate afterwards in one process)", file=sys.stderr)
+        return 2
     folder = _run_folder(args, config)
     progress = not args.no_progress
-    command = args.command or "pipeline"
     try:
         if command == "pipeline":
             pipeline(config, folder, progress)

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,15 +51,39 @@ def training_clips(config: Config):
                               frames=config.frames, seed=config.seed)
 
 
-def make_batch(config: Config, clips, step: int):
-    """``(input, target)`` for ``step``: ``(B, T, C, h, w)``, ``(B, T, C, H, W)``; deterministic in step."""
+def make_batch(config: Config, clips, step: int, rank: int = 0, world: int = 1):
+    """``(input, target)`` for ``step``: ``(B, T, C, h, w)``, ``(B, T, C, H, W)``; deterministic in step.
+
+    ``config.batch`` is the global batch; with ``world`` processes, rank ``r`` gets rows
+    ``r*B/world .. (r+1)*B/world`` of it (the same rows a single process would use).
+    """
     index = [(step * config.batch + i) % len(clips) for i in range(config.batch)]
     if hasattr(clips, "set_epoch"):  # Vimeo-90k: new random crops each pass over the data
         clips.set_epoch(step * config.batch // len(clips))
     clean = torch.stack([clips[i] for i in index])
     gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     degraded, target = make_pair(clean, config.task, config.sigma / 255.0, gen)
-    return degraded.to(config.device), target.to(config.device)
+    rows = slice(rank * config.batch // world, (rank + 1) * config.batch // world)
+    return degraded[rows].to(config.device), target[rows].to(config.device)
+
+
+def distributed_context(config: Config):
+    """``(rank, world)``; under ``torchrun`` (``WORLD_SIZE`` > 1) joins the process group
+    (gloo on CPU, nccl on CUDA) and pins each rank to its GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if config.device.startswith("cuda") else "gloo")
+    if config.batch % world:
+        raise ValueError(f"batch={config.batch} must be divisible by the number of processes ({world})")
+    if config.device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        config.device = f"cuda:{local}"
+    return dist.get_rank(), world
 
 
 def _scheduler(opt, config: Config):
@@ -130,6 +155,7 @@ def train(config: Config, method: str, folder, *, resume: bool = False, progress
     interruption would (used by tests of exact resume).
     """
     folder = Path(folder)
+    rank, world = distributed_context(config)
     torch.manual_seed(config.seed)
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -147,11 +173,21 @@ def train(config: Config, method: str, folder, *, resume: bool = False, progress
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         first = saved["step"]
-    logger = _Logger(folder, resume)
+    net = model
+    if world > 1:  # gradients are averaged over ranks: the global-batch mean, as one process
+        import srnc_ext
+
+        net = torch.nn.parallel.DistributedDataParallel(model)
+        # DDP broadcast rank 0's weights and SRN-C buffers in place: still fresh for each other
+        srnc_ext.mark_fresh(model)
+    main_rank = rank == 0
+    logger = _Logger(folder, resume) if main_rank else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.amp and config.device.startswith("cuda")
                 else contextlib.nullcontext())
 
     def snapshot(step):
+        if not main_rank:
+            return
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "scheduler": sched.state_dict(), "step": step, "method": method,
                                     "config": config.to_dict()})
@@ -161,9 +197,9 @@ def train(config: Config, method: str, folder, *, resume: bool = False, progress
     last = config.steps if stop_after is None else min(config.steps, first + stop_after)
     try:
         for step in range(first, last):
-            inputs, target = make_batch(config, clips, step)
+            inputs, target = make_batch(config, clips, step, rank, world)
             with autocast:
-                loss = (model(inputs).float() - target).square().mean()
+                loss = (net(inputs).float() - target).square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:
@@ -171,21 +207,27 @@ def train(config: Config, method: str, folder, *, resume: bool = False, progress
             opt.step()
             sched.step()
             done = step + 1
+            if world > 1:  # log the global-batch loss, as a single process would
+                loss = loss.detach().clone()
+                torch.distributed.all_reduce(loss)
+                loss /= world
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss became {loss_value} at step {step}; the last checkpoint is kept")
-            if (step + 1) % config.log_every == 0 or step + 1 == last:
+            if main_rank and ((step + 1) % config.log_every == 0 or step + 1 == last):
                 logger.log(step + 1, loss_value, sched.get_last_lr()[0], time.perf_counter() - start)
             if (step + 1) % config.checkpoint_every == 0:
                 snapshot(step + 1)
-            if progress:
+            if progress and main_rank:
                 _progress(step + 1, config.steps, loss_value, start, first)
     except KeyboardInterrupt:
         snapshot(done)  # completed steps only: resume repeats the interrupted one
-        logger.close()
+        if logger:
+            logger.close()
         raise
     snapshot(done)
-    logger.close()
+    if logger:
+        logger.close()
     return {"method": method, "steps": done, "last_loss": loss_value, "seconds": time.perf_counter() - start,
             "checkpoint": str(ckpt_path)}
 
