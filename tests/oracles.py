@@ -23,3 +23,21 @@ def singular_values(geometry, kernel: torch.Tensor) -> torch.Tensor:
 def stable_rank(geometry, kernel: torch.Tensor) -> float:
     s = singular_values(geometry, kernel)
     return float((s**2).sum() / s[0] ** 2)
+
+
+def refreshed_layers(geometry, n_layers, variant, beta, generator):
+    """``n_layers`` random float64 kernels with converged power-iteration kernels, stacked:
+    ``(kernels, s1, s1_out)``, each ``(L, C_out, C_in/g, kh, kw)`` (realistic op arguments)."""
+    from srnc_ext import reference
+
+    kernels, s1s, s1_outs = [], [], []
+    for _ in range(n_layers):
+        k = torch.randn(geometry.weight_shape, dtype=torch.float64, generator=generator)
+        u = torch.randn(geometry.output_shape(), dtype=torch.float64, generator=generator)
+        v = torch.randn(geometry.input_shape(), dtype=torch.float64, generator=generator)
+        u, v = reference.power_iteration(k, u, v, geometry, 20, 1e-12)
+        s1 = reference.rank_one_kernel(u, v, geometry)
+        rw = reference.reweighted_kernel(k, s1, geometry, beta=beta, eps=1e-12, variant=variant)
+        u2, v2 = reference.power_iteration(rw, u, v, geometry, 20, 1e-12)
+        kernels.append(k), s1s.append(s1), s1_outs.append(reference.rank_one_kernel(u2, v2, geometry))
+    return torch.stack(kernels), torch.stack(s1s), torch.stack(s1_outs)

@@ -1,6 +1,7 @@
 """The coefficient form of the stacked ops against the per-layer autograd reference."""
 import pytest
 import torch
+from oracles import refreshed_layers
 
 from srnc_ext import reference
 from srnc_ext.operator import ConvGeometry
@@ -9,19 +10,8 @@ from srnc_ext.ops import reweight_forward, variant_code
 
 
 def _stack(n_layers, variant, beta, padding_mode="zeros", seed=0, shape=(5, 3, 3, 2), size=(7, 6)):
-    gen = torch.Generator().manual_seed(seed)
     geometry = ConvGeometry.create(shape, size, padding=1, padding_mode=padding_mode)
-    kernels, s1s, s1_outs = [], [], []
-    for _ in range(n_layers):
-        k = torch.randn(geometry.weight_shape, dtype=torch.float64, generator=gen)
-        u = torch.randn(geometry.output_shape(), dtype=torch.float64, generator=gen)
-        v = torch.randn(geometry.input_shape(), dtype=torch.float64, generator=gen)
-        u, v = reference.power_iteration(k, u, v, geometry, 20, 1e-12)
-        s1 = reference.rank_one_kernel(u, v, geometry)
-        rw = reference.reweighted_kernel(k, s1, geometry, beta=beta, eps=1e-12, variant=variant)
-        u2, v2 = reference.power_iteration(rw, u, v, geometry, 20, 1e-12)
-        kernels.append(k), s1s.append(s1), s1_outs.append(reference.rank_one_kernel(u2, v2, geometry))
-    return geometry, torch.stack(kernels), torch.stack(s1s), torch.stack(s1_outs)
+    return (geometry, *refreshed_layers(geometry, n_layers, variant, beta, torch.Generator().manual_seed(seed)))
 
 
 def _op_args(geometry, s1, s1_out, variant, beta):

@@ -3,8 +3,8 @@ import functools
 
 import pytest
 import torch
+from oracles import refreshed_layers
 
-from srnc_ext import reference
 from srnc_ext.operator import ConvGeometry
 from srnc_ext.ops import coefficients, prepare_constants, reweight_ref, triton_ops, variant_code
 
@@ -33,16 +33,7 @@ def _stack(n_layers, shape, case, seed=0):
     gen = torch.Generator().manual_seed(seed)
     size = (max(7, SHAPES[shape][2]), max(6, SHAPES[shape][3]))
     geometry = ConvGeometry.create(SHAPES[shape], size, padding=1, padding_mode="reflect")
-    kernels, s1s, s1_outs = [], [], []
-    for _ in range(n_layers):
-        k = torch.randn(geometry.weight_shape, dtype=torch.float64, generator=gen)
-        u = torch.randn(geometry.output_shape(), dtype=torch.float64, generator=gen)
-        v = torch.randn(geometry.input_shape(), dtype=torch.float64, generator=gen)
-        u, v = reference.power_iteration(k, u, v, geometry, 20, 1e-12)
-        s1 = reference.rank_one_kernel(u, v, geometry)
-        rw = reference.reweighted_kernel(k, s1, geometry, beta=beta, eps=1e-12, variant=variant)
-        u2, v2 = reference.power_iteration(rw, u, v, geometry, 20, 1e-12)
-        kernels.append(k), s1s.append(s1), s1_outs.append(reference.rank_one_kernel(u2, v2, geometry))
+    kernels, s1s, s1_outs = (list(x) for x in refreshed_layers(geometry, n_layers, variant, beta, gen))
     flat = lambda xs: torch.stack(xs).flatten(-2).flatten(1, 2)  # noqa: E731  (L, M, T)
     code = variant_code(variant, beta)
     direction, consts = prepare_constants(flat(s1s), flat(s1_outs), geometry.kernel_gram_pinv(), code)

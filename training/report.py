@@ -16,10 +16,6 @@ def _plt():
     return plt
 
 
-def _finite(x):
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
 def write_metrics(folder: Path, metrics: Dict) -> Path:
     """``metrics.json`` (``inf`` written as the string "inf")."""
     def clean(value):
@@ -36,25 +32,28 @@ def write_metrics(folder: Path, metrics: Dict) -> Path:
     return path
 
 
-def plot_psnr_per_frame(folder: Path, results: Dict[str, Dict]) -> Path:
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for method, r in results.items():
-        ax.plot(range(1, len(r["per_frame"]) + 1), r["per_frame"], marker="o", label=method)
-    ax.set_xlabel("frame")
-    ax.set_ylabel("PSNR (dB)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = folder / "psnr_per_frame.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
+def plot_psnr_per_frame(folder: Path, results: Dict[str, Dict]) -> Path:
+    fig, ax = _plt().subplots(figsize=(5, 3.2))
+    for method, r in results.items():
+        ax.plot(range(1, len(r["per_frame"]) + 1), r["per_frame"], marker="o", label=method)
+    return _save(fig, ax, folder / "psnr_per_frame.png", "frame", "PSNR (dB)")
+
+
 def plot_long_sequence(folder: Path, results: Dict[str, Dict]) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    """PSNR per frame of the instability test, each onset marked with a star."""
+    fig, ax = _plt().subplots(figsize=(7, 3.2))
     for method, r in results.items():
         trace = r["psnr_trace"]
         line, = ax.plot(range(1, len(trace) + 1), trace, lw=0.8, label=f"{method} ({r['instabilities']} instabilities)")
@@ -62,31 +61,14 @@ def plot_long_sequence(folder: Path, results: Dict[str, Dict]) -> Path:
         for onset in r["onsets"]:
             position += onset
             ax.plot(position, trace[position - 1], "*", color=line.get_color(), ms=9)
-    ax.set_xlabel("frame")
-    ax.set_ylabel("PSNR (dB, clamped output)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = folder / "psnr_long_sequence.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, folder / "psnr_long_sequence.png", "frame", "PSNR (dB, clamped output)")
 
 
 def plot_spectra(folder: Path, spectra: Dict[str, list]) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = _plt().subplots(figsize=(6, 3.2))
     for method, rows in spectra.items():
         ax.plot([r["sigma_max"] for r in rows], marker="o", label=f"{method}: sigma_1")
-    ax.set_xlabel("conv layer")
-    ax.set_ylabel("sigma_1 of the true operator")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = folder / "spectra.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, folder / "spectra.png", "conv layer", "sigma_1 of the true operator")
 
 
 def write_report(folder: Path, config: Dict, metrics: Dict) -> Path:
