@@ -83,14 +83,36 @@ def stage_instability(config: Config, model):
 
 
 def stage_spectra(config: Config, model):
+    """Per layer: sigma_1 and stable rank of the true operator (``srnc_ext.spectral``)."""
     from srnc_ext import spectral
 
     size = config.crop // 2 if config.task == "sr2" else config.crop
     return [vars(row) for row in spectral.model_report(model.cpu(), size)]
 
 
+def average_spectrum(config: Config, model, points: int = 100):
+    """The singular value spectrum averaged over the conv layers, as the paper plots it (Table 2,
+    "computed as in [46]": Sedghi et al.'s FFT, i.e. each layer taken with circular padding),
+    each layer's sorted spectrum resampled to ``points`` positions in [0, 1]."""
+    from srnc_ext import spectral
+
+    size = config.crop // 2 if config.task == "sr2" else config.crop
+    curves = []
+    for conv in model.modules():
+        if not isinstance(conv, torch.nn.Conv2d) or conv.stride != (1, 1):
+            continue
+        weight = conv.effective_weight() if hasattr(conv, "effective_weight") else conv.weight
+        kh, kw = conv.kernel_size
+        padding = ((kh - 1) * conv.dilation[0] // 2, (kw - 1) * conv.dilation[1] // 2)
+        values = spectral.singular_values(weight, size, padding=padding, dilation=conv.dilation,
+                                          groups=conv.groups, padding_mode="circular", method="fft")
+        grid = torch.linspace(0, len(values) - 1, points, dtype=torch.float64)
+        curves.append(values[grid.round().long()])
+    return torch.stack(curves).mean(0).tolist()
+
+
 def pipeline(config: Config, folder: Path, progress: bool) -> dict:
-    metrics = {"train": {}, "eval": {}, "instability": {}, "spectra": {}}
+    metrics = {"train": {}, "eval": {}, "instability": {}, "spectra": {}, "average_spectrum": {}}
     for method in config.methods:
         print(f"== {method}: training {config.model} for {config.steps} steps", flush=True)
         metrics["train"][method] = train(config, method, folder / method, progress=progress)
@@ -98,13 +120,14 @@ def pipeline(config: Config, folder: Path, progress: bool) -> dict:
         metrics["eval"][method] = stage_eval(config, model)
         metrics["instability"][method] = stage_instability(config, model)
         metrics["spectra"][method] = stage_spectra(config, model)
+        metrics["average_spectrum"][method] = average_spectrum(config, model)
         e, s = metrics["eval"][method], metrics["instability"][method]
         print(f"   PSNR_1 {e['psnr_1']:.2f}  PSNR_T {e['psnr_T']:.2f}  mean {e['mean']:.2f} dB; "
               f"{s['instabilities']} instabilities in {s['frames']} frames", flush=True)
     report.write_metrics(folder, metrics)
     report.plot_psnr_per_frame(folder, metrics["eval"])
     report.plot_long_sequence(folder, metrics["instability"])
-    report.plot_spectra(folder, metrics["spectra"])
+    report.plot_spectra(folder, metrics["spectra"], metrics["average_spectrum"])
     path = report.write_report(folder, config.to_dict(), metrics)
     print(f"report: {path}")
     return metrics
@@ -131,7 +154,10 @@ def main(argv=None) -> int:
             print(json.dumps(summary, indent=1))
         else:
             model = load_trained(config, args.method, args.checkpoint)
-            result = {"eval": stage_eval, "instability": stage_instability, "spectra": stage_spectra}[command](config, model)
+            if command == "spectra":
+                result = {"layers": stage_spectra(config, model), "average_spectrum": average_spectrum(config, model)}
+            else:
+                result = {"eval": stage_eval, "instability": stage_instability}[command](config, model)
             report.write_metrics(folder, {command: {args.method: result}})
             print(json.dumps(result if command != "instability" else {k: v for k, v in result.items() if k != "psnr_trace"},
                              indent=1, default=str))

@@ -140,10 +140,13 @@ def _progress(step: int, total: int, loss: float, start: float, first: int) -> N
     done = step - first
     rate = (time.perf_counter() - start) / max(done, 1)
     eta = rate * (total - step)
-    bar = "#" * int(30 * step / max(total, 1))
-    sys.stderr.write(f"\r  [{bar:<30}] {step}/{total} loss {loss:.5f} eta {eta:5.0f}s")
-    if step == total:
-        sys.stderr.write("\n")
+    if sys.stderr.isatty():
+        bar = "#" * int(30 * step / max(total, 1))
+        sys.stderr.write(f"\r  [{bar:<30}] {step}/{total} loss {loss:.5f} eta {eta:5.0f}s")
+        if step == total:
+            sys.stderr.write("\n")
+    elif step % max(1, total // 10) == 0 or step == total:  # a log file: a line every 10 %
+        sys.stderr.write(f"  step {step}/{total} loss {loss:.5f} eta {eta:.0f}s\n")
     sys.stderr.flush()
 
 

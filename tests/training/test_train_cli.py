@@ -106,6 +106,7 @@ def test_pipeline_end_to_end_at_tiny_size(tmp_path):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["eval"]) == {"none", "srnc"} and metrics["instability"]["srnc"]["frames"] == 12
+    assert len(metrics["average_spectrum"]["srnc"]) == 100
 
 
 def test_stage_subcommands(tmp_path):
