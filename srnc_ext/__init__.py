@@ -6,7 +6,7 @@ dilation and groups included) has spectral norm ``alpha`` and a stable rank cont
 iterations of a whole model in batched groups (it also runs by itself once per optimizer step);
 ``srnc_ext.spectral`` computes exact spectra of conv operators.
 """
-from . import reference, spectral
+from . import diagnostics, reference, spectral
 from .backends import BACKENDS, get_backend, set_backend
 from .convert import convert, to_conv2d
 from .module import SRNCConv2d
@@ -16,6 +16,6 @@ from .batched_refresh import mark_fresh, refresh
 __version__ = "0.1.0"
 
 __all__ = [
-    "SRNCConv2d", "convert", "to_conv2d", "refresh", "mark_fresh", "spectral", "reference", "ConvGeometry",
+    "SRNCConv2d", "convert", "to_conv2d", "refresh", "mark_fresh", "spectral", "diagnostics", "reference", "ConvGeometry",
     "BACKENDS", "get_backend", "set_backend", "__version__",
 ]
