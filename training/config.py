@@ -46,6 +46,10 @@ class Config:
     eval_clips: int = 8
     long_frames: int = 1500
     long_video: Optional[str] = None  # a folder of frames; default: a synthetic long sequence
+    # temporal receptive field diagnostic (srnc_ext.diagnostics.trf)
+    trf_frames: int = 21
+    trf_size: int = 32
+    trf_iters: int = 60
 
     def validate(self) -> "Config":
         from .constraints import METHODS
@@ -75,6 +79,9 @@ class Config:
             ("eval_clips", self.eval_clips >= 1, ">= 1"),
             ("long_frames", self.long_frames >= 1, ">= 1"),
             ("n_power_iterations", self.n_power_iterations >= 1, ">= 1"),
+            ("trf_frames", self.trf_frames >= 3 and self.trf_frames % 2 == 1, "odd and >= 3"),
+            ("trf_size", self.trf_size >= 8, ">= 8"),
+            ("trf_iters", self.trf_iters >= 1, ">= 1"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -90,11 +97,11 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "default": {},
     # seconds: for tests and a quick look
     "smoke": dict(width=8, crop=16, frames=3, batch=2, steps=6, log_every=2, checkpoint_every=3, eval_clips=2,
-                  long_frames=40),
+                  long_frames=40, trf_frames=9, trf_size=16, trf_iters=5),
     # the paper's setting (section 3.1, appendix C): a GPU job
     "paper": dict(width=64, crop=64, frames=7, batch=32, steps=300_000, lr=1e-4, schedule="step",
                   alpha=2.0, beta=0.1, eval_clips=256, long_frames=200_000, device="cuda", amp=True,
-                  log_every=100, checkpoint_every=5000),
+                  log_every=100, checkpoint_every=5000, trf_frames=81, trf_size=64, trf_iters=500),
 }
 
 

@@ -96,7 +96,15 @@ def write_report(folder: Path, config: Dict, metrics: Dict) -> Path:
               "", "![spectra](spectra.png)", "",
               "Spectra: left, sigma_1 of each layer's true operator (its padding, exact or ARPACK); right, the "
               "singular value spectrum averaged over the stride-1 convolutions, computed as in the paper (FFT, "
-              "i.e. with circular padding).", ""]
+              "i.e. with circular padding).", "",
+              "## Temporal receptive field (section 2.2)", "",
+              "| method | verdict | extent (frames before t=0) | output growth after t=0 | reason |",
+              "|---|---|---|---|---|"]
+    for method, r in metrics.get("trf", {}).items():
+        lines.append(f"| {method} | {r['verdict']} | {r['extent']} of {r['tau']} | {r['growth']:.3g} | {r['reason']} |")
+    for method in metrics.get("trf", {}):
+        lines += ["", f"![TRF {method}](trf_{method}.png)", "", f"![influence {method}](influence_{method}.png)"]
+    lines.append("")
     path = folder / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -6,7 +6,8 @@ a CPU): an unconstrained VResNet-feat and the same with SRN-C, their PSNR per fr
 long-video instability test, the true spectral norms of their layers, and a run folder with
 config, logs, checkpoints, ``metrics.json``, ``report.md`` and PNG plots.
 
-Subcommands run single stages: ``train``, ``eval``, ``instability``, ``spectra``.
+Subcommands run single stages: ``train``, ``eval``, ``instability``, ``spectra``, ``trf`` (the
+temporal receptive field diagnostic of a checkpoint or an untrained model) and ``figure2b``.
 Configuration: ``--preset {default,smoke,paper}``, ``--config FILE.json``, ``--set key=value``
 (repeatable; e.g. ``--set model=vdncnn-rlsp --set beta=0.1 --set methods=none,srnc,sn``).
 """
@@ -26,7 +27,7 @@ from .config import PRESETS, Config, make_config
 from .constraints import METHODS
 from .data import FrameFolder, SyntheticClips, long_sequence
 from .models import MODEL_NAMES
-from .train import load_trained, train
+from .train import build, load_trained, train
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train")
         p.add_argument("--method", default="srnc", choices=METHODS)
+    trf_p = sub.add_parser("trf", parents=[common], help="temporal receptive field diagnostic (section 2.2)")
+    source = trf_p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint.pt written by train")
+    source.add_argument("--model", choices=MODEL_NAMES, help="an untrained model of this name")
+    trf_p.add_argument("--method", default="none", choices=METHODS, help="constraint of the model (default none)")
+    sub.add_parser("figure2b", parents=[common], help="output norm of untrained models of every architecture")
     return parser
 
 
@@ -90,6 +97,20 @@ def stage_spectra(config: Config, model):
     return [vars(row) for row in spectral.model_report(model.cpu(), size)]
 
 
+def stage_trf(config: Config, model, folder: Path, name: str) -> dict:
+    """TRF of ``model``: ``trf_<name>.png`` (the paper's layout), ``influence_<name>.png`` and a summary."""
+    from srnc_ext import diagnostics, plots
+
+    result = diagnostics.trf(model, frames=config.trf_frames, size=config.trf_size, iters=config.trf_iters,
+                             seed=config.seed, device=config.device, progress=False)
+    plots.trf_figure(result, folder / f"trf_{name}.png")
+    plots.influence_figure(result, folder / f"influence_{name}.png")
+    return {"verdict": result.verdict, "reason": result.reason, "extent": result.extent, "growth": result.growth,
+            "tau": result.tau, "nonfinite_at": result.nonfinite_at,
+            "p_final": result.p_history[-1] if result.p_history else None,
+            "influence": result.influence.tolist(), "settings": result.settings}
+
+
 def average_spectrum(config: Config, model, points: int = 100):
     """The singular value spectrum averaged over the conv layers, as the paper plots it (Table 2,
     "computed as in [46]": Sedghi et al.'s FFT, i.e. each layer taken with circular padding),
@@ -112,7 +133,7 @@ def average_spectrum(config: Config, model, points: int = 100):
 
 
 def pipeline(config: Config, folder: Path, progress: bool) -> dict:
-    metrics = {"train": {}, "eval": {}, "instability": {}, "spectra": {}, "average_spectrum": {}}
+    metrics = {"train": {}, "eval": {}, "instability": {}, "spectra": {}, "average_spectrum": {}, "trf": {}}
     for method in config.methods:
         print(f"== {method}: training {config.model} for {config.steps} steps", flush=True)
         metrics["train"][method] = train(config, method, folder / method, progress=progress)
@@ -121,9 +142,11 @@ def pipeline(config: Config, folder: Path, progress: bool) -> dict:
         metrics["instability"][method] = stage_instability(config, model)
         metrics["spectra"][method] = stage_spectra(config, model)
         metrics["average_spectrum"][method] = average_spectrum(config, model)
+        metrics["trf"][method] = stage_trf(config, model, folder, method)
         e, s = metrics["eval"][method], metrics["instability"][method]
         print(f"   PSNR_1 {e['psnr_1']:.2f}  PSNR_T {e['psnr_T']:.2f}  mean {e['mean']:.2f} dB; "
-              f"{s['instabilities']} instabilities in {s['frames']} frames", flush=True)
+              f"{s['instabilities']} instabilities in {s['frames']} frames; TRF: {metrics['trf'][method]['verdict']}",
+              flush=True)
     report.write_metrics(folder, metrics)
     report.plot_psnr_per_frame(folder, metrics["eval"])
     report.plot_long_sequence(folder, metrics["instability"])
@@ -152,6 +175,22 @@ def main(argv=None) -> int:
         elif command == "train":
             summary = train(config, args.method, folder / args.method, resume=args.resume, progress=progress)
             print(json.dumps(summary, indent=1))
+        elif command == "figure2b":
+            from .figures import output_norms, plot_figure2b
+
+            curves = output_norms()
+            report.write_metrics(folder, {"figure2b": curves})
+            print(f"figure: {plot_figure2b(curves, folder / 'figure2b.png')}")
+        elif command == "trf":
+            if args.checkpoint:
+                model = load_trained(config, args.method, args.checkpoint)
+            else:
+                config.model = args.model
+                model = build(config, args.method).eval()
+            name = f"{config.model}-{args.method}"
+            result = stage_trf(config, model, folder, name)
+            report.write_metrics(folder, {"trf": {name: result}})
+            print(json.dumps({k: v for k, v in result.items() if k != "influence"}, indent=1, default=str))
         else:
             model = load_trained(config, args.method, args.checkpoint)
             if command == "spectra":

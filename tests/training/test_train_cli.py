@@ -124,3 +124,23 @@ def test_help_lists_models_and_methods(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert "vresnet-feat" in text and "srnc" in text and "--set" in text
+
+
+def test_trf_subcommand_on_an_untrained_model_and_a_checkpoint(tmp_path):
+    sets = sum((["--set", s] for s in TINY + ["trf_frames=7", "trf_size=8", "trf_iters=3"]), [])
+    assert main(["trf", "--model", "vdncnn-frame", "--method", "srnc", *sets, "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "trf_vdncnn-frame-srnc.png").stat().st_size > 0
+    assert main(["train", "--method", "none", *sets, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert main(["trf", "--checkpoint", str(tmp_path / "b" / "none" / "checkpoint.pt"), "--method", "none",
+                 *sets, "--out", str(tmp_path / "c")]) == 0
+    trf = json.loads((tmp_path / "c" / "metrics.json").read_text())["trf"]["vresnet-feat-none"]
+    assert trf["verdict"] in ("unstable", "no instability found") and trf["influence"][-1] == 0
+
+
+def test_figure2b_recurrent_vresnets_diverge_feedforward_ones_do_not():
+    from training.figures import output_norms, plot_figure2b
+
+    curves = output_norms(frames=30, size=16, width=8)
+    assert all(v[-1] < 1e3 for k, v in curves.items() if k.endswith(("single", "multi")))
+    assert curves["vresnet-feat"][-1] > 1e6
+    assert set(curves) >= {"vdncnn-feat", "vresnet-rlsp"}
