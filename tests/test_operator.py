@@ -3,7 +3,6 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from oracles import explicit_matrix
 
 from srnc_ext.operator import ConvGeometry

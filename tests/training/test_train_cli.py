@@ -138,7 +138,7 @@ def test_trf_subcommand_on_an_untrained_model_and_a_checkpoint(tmp_path):
 
 
 def test_figure2b_recurrent_vresnets_diverge_feedforward_ones_do_not():
-    from training.figures import output_norms, plot_figure2b
+    from training.figures import output_norms
 
     curves = output_norms(frames=30, size=16, width=8)
     assert all(v[-1] < 1e3 for k, v in curves.items() if k.endswith(("single", "multi")))

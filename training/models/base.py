@@ -16,7 +16,6 @@ Tasks: "denoise" is residual, ``y = x + out``; "sr2" makes the output conv produ
 """
 from __future__ import annotations
 
-import math
 from typing import Tuple, Union
 
 import torch
