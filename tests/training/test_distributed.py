@@ -28,6 +28,7 @@ def _worker(rank, world, port, folder):
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier()  # nobody tears gloo down while a peer still uses it
             dist.destroy_process_group()
 
 
