@@ -46,6 +46,10 @@ class Config:
     eval_clips: int = 8
     long_frames: int = 1500
     long_video: Optional[str] = None  # a folder of frames; default: a synthetic long sequence
+    burst: Optional[int] = None  # inference burst by burst (appendix E): reset the state every `burst` frames
+    burst_overlap: bool = False  # ... with two overlapping states
+    y_channel: bool = False  # PSNR on the Y channel (SR papers' convention)
+    crop_border: int = 0  # PSNR without this many border pixels
     # temporal receptive field diagnostic (srnc_ext.diagnostics.trf)
     trf_frames: int = 21
     trf_size: int = 32
@@ -77,6 +81,8 @@ class Config:
             ("log_every", self.log_every >= 1, ">= 1"),
             ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
             ("eval_clips", self.eval_clips >= 1, ">= 1"),
+            ("burst", self.burst is None or self.burst >= 2, "None or >= 2"),
+            ("crop_border", self.crop_border >= 0, ">= 0"),
             ("long_frames", self.long_frames >= 1, ">= 1"),
             ("n_power_iterations", self.n_power_iterations >= 1, ">= 1"),
             ("trf_frames", self.trf_frames >= 3 and self.trf_frames % 2 == 1, "odd and >= 3"),

@@ -26,7 +26,7 @@ from . import evaluate, report
 from .config import PRESETS, Config, make_config
 from .constraints import METHODS
 from .data import FrameFolder, SyntheticClips, long_sequence
-from .models import MODEL_NAMES
+from .models import MODEL_NAMES, Bursts
 from .train import build, load_trained, train
 
 
@@ -78,15 +78,22 @@ def _long_frames(config: Config):
     return long_sequence(config.long_frames, size=config.crop, seed=config.seed + 20_000), config.long_frames
 
 
+def _inference_model(config: Config, model):
+    """The model as evaluated: burst by burst when ``burst`` is set (appendix E)."""
+    return Bursts(model, config.burst, config.burst_overlap) if config.burst else model
+
+
 def stage_eval(config: Config, model):
-    return evaluate.psnr_per_frame(model, _eval_clips(config), config.task, config.sigma / 255.0, device=config.device)
+    return evaluate.psnr_per_frame(_inference_model(config, model), _eval_clips(config), config.task,
+                                   config.sigma / 255.0, y_channel=config.y_channel, crop_border=config.crop_border,
+                                   device=config.device)
 
 
 def stage_instability(config: Config, model):
     frames, n = _long_frames(config)
     limited = (f for _, f in zip(range(n), frames))
-    return evaluate.instability_test(model, limited, evaluate.degrader(config.task, config.sigma / 255.0),
-                                     device=config.device)
+    return evaluate.instability_test(_inference_model(config, model), limited,
+                                     evaluate.degrader(config.task, config.sigma / 255.0), device=config.device)
 
 
 def stage_spectra(config: Config, model):

@@ -144,3 +144,17 @@ def test_figure2b_recurrent_vresnets_diverge_feedforward_ones_do_not():
     assert all(v[-1] < 1e3 for k, v in curves.items() if k.endswith(("single", "multi")))
     assert curves["vresnet-feat"][-1] > 1e6
     assert set(curves) >= {"vdncnn-feat", "vresnet-rlsp"}
+
+
+def test_eval_burst_by_burst_and_y_channel_options(tmp_path):
+    sets = sum((["--set", s] for s in TINY), [])
+    assert main(["train", "--method", "none", *sets, "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    ckpt = str(tmp_path / "a" / "none" / "checkpoint.pt")
+    results = {}
+    for extra in ([], ["--set", "burst=2"], ["--set", "burst=2", "--set", "burst_overlap=true"],
+                  ["--set", "y_channel=true", "--set", "crop_border=2"]):
+        out = tmp_path / f"e{len(results)}"
+        assert main(["eval", "--checkpoint", ckpt, "--method", "none", *sets, *extra, "--out", str(out)]) == 0
+        results[len(results)] = json.loads((out / "metrics.json").read_text())["eval"]["none"]["per_frame"]
+    assert results[1][:2] == results[0][:2] and results[1][2] != results[0][2]  # frame 2 starts a new burst
+    assert results[3] != results[0]

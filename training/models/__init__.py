@@ -8,7 +8,7 @@ from torch import nn
 
 from .backbones import BACKBONES
 from .base import TASKS, VideoModel
-from .burst import run_bursts
+from .burst import Bursts, run_bursts
 from .feedforward import FeatureShift, MultiFrame, SingleFrame
 from .recurrent import FeatRecurrent, FrameRecurrent, RLSPRecurrent
 
@@ -17,7 +17,7 @@ _KINDS = {"feat": FeatRecurrent, "frame": FrameRecurrent, "rlsp": RLSPRecurrent,
 KINDS = tuple(_KINDS)
 MODEL_NAMES = tuple(f"{b}-{k}" for b in BACKBONES for k in KINDS)
 
-__all__ = ["build_model", "MODEL_NAMES", "KINDS", "TASKS", "VideoModel", "run_bursts"]
+__all__ = ["build_model", "MODEL_NAMES", "KINDS", "TASKS", "VideoModel", "Bursts", "run_bursts"]
 
 
 def _positive_int(name: str, value) -> None:
