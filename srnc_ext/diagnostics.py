@@ -16,9 +16,10 @@ run inside the loop (``p`` depends on nothing later). Afterwards:
 * ``growth = max_{t > tau} rms(y_t) / rms(y_tau)`` over the full forward run (inf if non-finite).
 
 Verdict ``"unstable"`` if a non-finite value appeared, or ``growth > growth_factor``, or the
-TRF reaches the first frame (``extent == tau``, i.e. the first frame's influence is not
-negligible: ``>= threshold * max``) -- an unbounded TRF, or one too long for the sequence to
-contain it; otherwise ``"no instability found"`` (evidence, not proof, of stability).
+TRF is unbounded: it reaches the first frame (``extent == tau``) and the first frame's influence
+is at least half the maximum (influence that does not decay into the past). ``"inconclusive"``
+when it reaches the first frame but decays (a field longer than the sequence: use more frames).
+Otherwise ``"no instability found"`` (evidence, not proof, of stability).
 
 ``instability_onsets`` -- the long-video test (section 3.1): PSNR < 0 on the raw output (or a
 non-finite output) counts an instability and resets the state.
@@ -63,7 +64,7 @@ class TRFResult:
     influence: torch.Tensor     # (frames,) float64, ||dp/dx_t||_1; 0 after tau
     extent: int                 # frames before t = 0 with non-negligible influence
     growth: float               # max_{t > tau} rms(y_t) / rms(y_tau)
-    verdict: str                # "unstable" or "no instability found"
+    verdict: str                # "unstable", "inconclusive" or "no instability found"
     reason: str
     nonfinite_at: Optional[dict]
     tau: int
@@ -193,9 +194,13 @@ def trf(model, *, frames: int = 81, size: int = 64, channels: int = 3, iters: in
                                        f"frame {nonfinite_at['frame']}")
     elif growth > growth_factor:
         verdict, reason = "unstable", f"outputs after t=0 grow by {growth:.3g} > growth_factor={growth_factor}"
+    elif extent == tau and float(safe[0]) >= 0.5 * peak:
+        verdict, reason = "unstable", (f"unbounded TRF: the first frame's influence is {float(safe[0]) / peak:.3g} of "
+                                       "the maximum (it does not decay into the past)")
     elif extent == tau:
-        verdict, reason = "unstable", (f"the TRF reaches the first frame (influence ratio {float(safe[0]) / peak:.3g}"
-                                       f" >= threshold={threshold}): unbounded, or longer than the sequence")
+        verdict, reason = "inconclusive", (f"the TRF reaches the first frame (influence ratio {float(safe[0]) / peak:.3g}"
+                                           f" >= threshold={threshold}) but decays: longer than the sequence, "
+                                           "use more frames")
     else:
         verdict, reason = "no instability found", (f"TRF bounded: extent {extent} < tau={tau} frames, "
                                                    f"growth {growth:.3g} <= {growth_factor}")

@@ -207,3 +207,10 @@ def test_srnc_ext_does_not_import_training():
     with open(d.__file__) as f:
         src = f.read()
     assert "import training" not in src and "from training" not in src
+
+
+def test_decaying_field_longer_than_the_sequence_is_inconclusive_not_unstable():
+    # a = 0.5 needs floor(log(1e-3)/log(0.5)) = 9 frames before t = 0; give it 2
+    model = as_recurrent(lambda x, h: ((x if h is None else 0.5 * h + x),) * 2)
+    r = trf(model, frames=5, size=4, iters=3, progress=False)
+    assert r.extent == r.tau and r.verdict == "inconclusive", r.reason

@@ -51,7 +51,7 @@ class Config:
     y_channel: bool = False  # PSNR on the Y channel (SR papers' convention)
     crop_border: int = 0  # PSNR without this many border pixels
     # temporal receptive field diagnostic (srnc_ext.diagnostics.trf)
-    trf_frames: int = 21
+    trf_frames: int = 41
     trf_size: int = 32
     trf_iters: int = 60
 
