@@ -25,6 +25,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .ops import VARIANT_PROJECTED, prepare_constants
 from .operator import ConvGeometry
+from .precision import no_autocast
 
 _LAYERS: "weakref.WeakSet" = weakref.WeakSet()
 BATCHED = True  # False: one group per layer (the per-layer path; for tests and benchmarks)
@@ -93,7 +94,7 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
     weights = [m.weight for m in layers]
     ops = first._op_impl
     group = stacked(geometry, n)
-    with _no_autocast(first.weight):
+    with no_autocast(first.weight):
         kernel = torch.cat([w.detach().to(first._vector_dtype()) for w in weights])  # (L*C_out, C_in/g, kh, kw)
         if not bool(torch.isfinite(kernel).all()):
             bad = [i for i, w in enumerate(weights) if not bool(torch.isfinite(w).all())]
@@ -126,14 +127,6 @@ def _power_iteration(ops, group, kernel, u, v, n_iterations, n_layers, eps):
         v = ops.normalize_segments(group.adjoint(kernel, u).reshape(n_layers, -1), v.reshape(n_layers, -1), eps).reshape(v.shape)
         u = ops.normalize_segments(group.apply(kernel, v).reshape(n_layers, -1), u.reshape(n_layers, -1), eps).reshape(u.shape)
     return u, v
-
-
-def _no_autocast(tensor: torch.Tensor):
-    import contextlib
-
-    if tensor.device.type in ("cpu", "cuda"):
-        return torch.autocast(device_type=tensor.device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _optimizer_step_post_hook(optimizer, args, kwargs) -> None:

@@ -24,7 +24,6 @@ Lifecycle of the normalization state:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -34,6 +33,7 @@ from torch import nn
 from . import backends, batched_refresh as _refresh
 from .ops import VARIANT_PROJECTED, prepare_constants, variant_code
 from .operator import ConvGeometry, pair
+from .precision import compute_dtype, no_autocast
 from .reference import VARIANTS
 
 WARMUP_ITERATIONS = 15
@@ -56,11 +56,6 @@ def _check_positive_finite(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the power iteration and reweighting: float64 for float64 weights, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class SRNCConv2d(nn.Conv2d):
@@ -260,7 +255,7 @@ class SRNCConv2d(nn.Conv2d):
         """The rank-one kernels and op constants from the stored vectors, without iterating."""
         geometry, code = self._geometry, self.variant_code
         taps = geometry.kernel_size[0] * geometry.kernel_size[1]
-        with _no_autocast(self.weight):
+        with no_autocast(self.weight):
             s1 = geometry.kernel_grad(self.v, self.u).reshape(1, -1, taps)
             s1_out = s1
             if code == VARIANT_PROJECTED:
@@ -298,7 +293,7 @@ class SRNCConv2d(nn.Conv2d):
     def _reweight(self) -> torch.Tensor:
         """The reweight op with its own autograd (traceable by ``torch.compile``)."""
         weight = self.weight
-        with _no_autocast(weight):
+        with no_autocast(weight):
             kernel = weight.to(self._vector_dtype()).reshape(self._s1.shape)
             out, _ = self._op_impl.reweight_forward(kernel, *self._op_inputs(), *self.op_scalars())
         return out.reshape(weight.shape).to(weight.dtype)
@@ -401,7 +396,7 @@ class _SharedReweight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, layer):
-        with torch.no_grad(), _no_autocast(weight):
+        with torch.no_grad(), no_autocast(weight):
             kernel = weight.detach().to(layer._vector_dtype()).reshape(layer._s1.shape)
             out, stats = layer._op_impl.reweight_forward(kernel, *layer._op_inputs(), *layer.op_scalars())
         ctx.saved = (layer._op_impl, kernel, layer._op_inputs(), stats, layer.op_scalars(), weight.shape, weight.dtype)
@@ -410,13 +405,6 @@ class _SharedReweight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         ops, kernel, inputs, stats, scalars, shape, dtype = ctx.saved
-        with torch.no_grad(), _no_autocast(grad):
+        with torch.no_grad(), no_autocast(grad):
             grad_kernel = ops.reweight_backward(grad.to(kernel.dtype).reshape(kernel.shape), kernel, *inputs, stats, *scalars)
         return grad_kernel.reshape(shape).to(dtype), None
-
-
-def _no_autocast(tensor: torch.Tensor):
-    """Autocast off for ``tensor``'s device: the normalization runs in float32/float64."""
-    if tensor.device.type in ("cpu", "cuda"):
-        return torch.autocast(device_type=tensor.device.type, enabled=False)
-    return contextlib.nullcontext()
