@@ -48,6 +48,12 @@ def cuda_build_home():
     return None
 
 
+def torch_has_openmp() -> bool:
+    import torch
+
+    return bool(getattr(torch._C, "has_openmp", False))
+
+
 def extensions():
     home = cuda_build_home()
     if home:
@@ -64,15 +70,19 @@ def extensions():
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
+    # at::parallel_for only runs in parallel when the extension is compiled with the OpenMP that
+    # torch's ATen uses (its header's `#pragma omp parallel` is ignored otherwise): -fopenmp.
+    cxx = ["-O3"] + (["-fopenmp"] if torch_has_openmp() else [])
     # No -std: cpp_extension picks the one the installed torch's headers need (C++20 for 2.14,
     # C++17 for 2.6); csrc/ is valid C++17.
     if home:
         ext = CUDAExtension(
             "srnc_ext._C", ["csrc/srnc_ops.cpp", "csrc/srnc_ops_cuda.cu"],
-            extra_compile_args={"cxx": ["-O3", "-DSRNC_WITH_CUDA"], "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx + ["-DSRNC_WITH_CUDA"], "nvcc": ["-O3"]},
+            extra_link_args=cxx[1:],
         )
     else:
-        ext = CppExtension("srnc_ext._C", ["csrc/srnc_ops.cpp"], extra_compile_args={"cxx": ["-O3"]})
+        ext = CppExtension("srnc_ext._C", ["csrc/srnc_ops.cpp"], extra_compile_args={"cxx": cxx}, extra_link_args=cxx[1:])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=is_ninja_available())}
 
 

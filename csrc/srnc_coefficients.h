@@ -128,26 +128,41 @@ SRNC_HOST_DEVICE inline CoefficientsVjp<acc_t> coefficients_vjp(
 
 // ---- The ops, as plain structs of pointers and sizes (contiguous tensors) ----
 
-// normalize_segments: x, fallback, out (layers, n); out_l = x_l / ||x_l|| where ||x_l|| > eps, else fallback_l.
+// normalize_segments: x, fallback, out (rows, layers, inner), contiguous; layer l's segment is
+// x[:, l, :] (n = rows * inner elements; rows = 1 is the (layers, n) case). out_l = x_l / ||x_l||
+// where ||x_l|| > eps, else fallback_l. (rows, layers, inner) is how a channels-last stack of L
+// layers' vectors lies in memory: (H * W, L, C).
 template <typename scalar_t, typename acc_t_>
 struct NormalizeOp {
   using acc_t = acc_t_;
   static constexpr int kSums = 1;
   const scalar_t *x, *fallback;
   scalar_t* out;
-  int64_t layers, n;
+  int64_t layers, n, inner;
   double eps;
 
   SRNC_HOST_DEVICE int64_t size() const { return n; }
+  SRNC_HOST_DEVICE int64_t rows() const { return inner ? n / inner : 0; }
+  // Memory offset of element i of layer l's segment.
+  SRNC_HOST_DEVICE int64_t offset(int64_t l, int64_t i) const {
+    if (inner == n) return l * n + i;
+    const int64_t r = i / inner;
+    return (r * layers + l) * inner + (i - r * inner);
+  }
+  SRNC_HOST_DEVICE bool keep(acc_t norm) const { return norm > acc_t(eps); }
+  // The normalized value of x where keep(norm); the fallback's value otherwise.
+  SRNC_HOST_DEVICE scalar_t value(scalar_t v, acc_t norm) const {
+    return static_cast<scalar_t>(static_cast<acc_t>(v) / clamp_min(norm, acc_t(eps)));
+  }
   SRNC_HOST_DEVICE void accumulate(int64_t l, int64_t i, acc_t* sums) const {
-    const acc_t v = static_cast<acc_t>(x[l * n + i]);
+    const acc_t v = static_cast<acc_t>(x[offset(l, i)]);
     sums[0] += v * v;
   }
   SRNC_HOST_DEVICE acc_t scalars(int64_t, const acc_t* sums) const { return std::sqrt(sums[0]); }
   SRNC_HOST_DEVICE void record(int64_t, const acc_t*) const {}
   SRNC_HOST_DEVICE void write(int64_t l, int64_t i, acc_t norm) const {
-    const int64_t j = l * n + i;
-    out[j] = norm > acc_t(eps) ? static_cast<scalar_t>(static_cast<acc_t>(x[j]) / clamp_min(norm, acc_t(eps))) : fallback[j];
+    const int64_t j = offset(l, i);
+    out[j] = keep(norm) ? value(x[j], norm) : fallback[j];
   }
 };
 

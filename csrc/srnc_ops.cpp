@@ -53,6 +53,70 @@ void run_layerwise_cpu(const Op& op) {
   });
 }
 
+constexpr int kLanes = 8;
+
+// Adds the squares of p[0, len) to `lanes` (element i to lane i mod kLanes): independent
+// accumulators, so the compiler vectorizes the loop without reassociating a single sum.
+template <typename scalar_t, typename acc_t>
+inline void add_squares(const scalar_t* p, int64_t len, acc_t (&lanes)[kLanes]) {
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const acc_t v = static_cast<acc_t>(p[i + j]);
+      lanes[j] += v * v;
+    }
+  }
+  for (int j = 0; i < len; ++i, ++j) {
+    const acc_t v = static_cast<acc_t>(p[i]);
+    lanes[j] += v * v;
+  }
+}
+
+// normalize_segments walks each layer's rows directly instead of element by element through
+// NormalizeOp::offset: it is memory-bound, and the generic loop does not vectorize. Same
+// arithmetic (NormalizeOp::scalars, keep, value); sums in blocks of about kChunk elements.
+template <typename scalar_t, typename acc_t>
+void run_layerwise_cpu(const NormalizeOp<scalar_t, acc_t>& op) {
+  const int64_t rows = op.rows(), inner = op.inner, stride = op.layers * inner;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, op.n));
+  at::parallel_for(0, op.layers, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t l = begin; l < end; ++l) {
+      acc_t total = 0, lanes[kLanes] = {};
+      int64_t filled = 0;
+      const auto fold = [&] {
+        acc_t block = 0;
+        for (acc_t& lane : lanes) {
+          block += lane;
+          lane = 0;
+        }
+        total += block;
+        filled = 0;
+      };
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* row = op.x + r * stride + l * inner;
+        for (int64_t c = 0; c < inner; c += kChunk) {
+          const int64_t len = std::min(kChunk, inner - c);
+          add_squares(row + c, len, lanes);
+          if ((filled += len) >= kChunk) fold();
+        }
+      }
+      fold();
+      const acc_t norm = op.scalars(l, &total);
+      const bool keep = op.keep(norm);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t base = r * stride + l * inner;
+        const scalar_t* x = op.x + base;
+        scalar_t* out = op.out + base;
+        if (keep) {
+          for (int64_t j = 0; j < inner; ++j) out[j] = op.value(x[j], norm);
+        } else {
+          std::copy(op.fallback + base, op.fallback + base + inner, out);
+        }
+      }
+    }
+  });
+}
+
 template <class Op>
 void run_layerwise(const Op& op, const Tensor& like) {
   if (!like.is_cuda()) return run_layerwise_cpu(op);
@@ -126,17 +190,21 @@ ReweightArgs<scalar_t, acc_t> reweight_args(const ReweightInputs& in, const Tens
 
 Tensor normalize_segments(const Tensor& x_, const Tensor& fallback_, double eps) {
   const char* op = "normalize_segments";
-  TORCH_CHECK(x_.dim() == 2, op, ": x must be (L, N), got shape ", x_.sizes());
+  TORCH_CHECK(x_.dim() == 2 || x_.dim() == 3, op, ": x must be (L, N) or (P, L, M) (segment l is x[:, l, :]), got shape ",
+              x_.sizes());
   check_dtype(op, x_, "x");
   check_like(op, x_, "x", fallback_, "fallback");
   const at::OptionalDeviceGuard guard(at::device_of(x_));  // CUDA: allocate and launch on x's device
   const Tensor x = x_.contiguous(), fallback = fallback_.contiguous();
   Tensor out = at::empty(x.sizes(), x.options());
+  const bool rows = x.dim() == 3;
+  const int64_t layers = x.size(rows ? 1 : 0), inner = x.size(x.dim() - 1);
+  const int64_t n = rows ? x.size(0) * inner : inner;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "normalize_segments", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const NormalizeOp<scalar_t, acc_t> impl{x.const_data_ptr<scalar_t>(), fallback.const_data_ptr<scalar_t>(),
-                                            out.mutable_data_ptr<scalar_t>(), x.size(0), x.size(1), eps};
-    run_layerwise(impl, x);
+                                            out.mutable_data_ptr<scalar_t>(), layers, n, inner, eps};
+    if (n > 0) run_layerwise(impl, x);
   });
   return out;
 }

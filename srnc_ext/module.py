@@ -205,7 +205,8 @@ class SRNCConv2d(nn.Conv2d):
         for name in self._vector_names:
             shape = geometry.output_shape() if name.startswith("u") else geometry.input_shape()
             x = torch.randn(shape, dtype=dtype, device=device)
-            self._buffers[name] = x / torch.linalg.vector_norm(x).clamp_min(self.eps)
+            x = x / torch.linalg.vector_norm(x).clamp_min(self.eps)
+            self._buffers[name] = x.contiguous(memory_format=_refresh.vector_format(device))
         taps = geometry.kernel_size[0] * geometry.kernel_size[1]
         slices = geometry.out_channels * geometry.in_channels // geometry.groups
         for name in ("_s1", "_direction", "_s1_out"):

@@ -234,10 +234,10 @@ class ConvGeometry:
         """``W^T y``: ``y (B, C_out, H', W') -> (B, C_in, H, W)``; ``<W x, y> = <x, W^T y>`` exactly."""
         (hp, wp), (ho, wo) = self.padded_size, self.output_size
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        if self.stride == (1, 1):
+        if self.stride == (1, 1) and not self._transpose_is_faster(y):
             # conv^T at stride 1 is a full-padded conv with the flipped, in/out-swapped kernel:
-            # CPU backends run grouped conv2d natively but split grouped conv_transpose2d per group
-            # (18 ms against 8 ms for the 12-layer refresh of the benchmark model).
+            # for NCHW inputs oneDNN runs it faster than a grouped conv_transpose2d (benchmarks/,
+            # 12-layer refresh: 8 ms against 18 ms when this was written).
             g = self.groups
             c_out, c_in_g = kernel.shape[:2]
             swapped = kernel.reshape(g, c_out // g, c_in_g, kh, kw).transpose(1, 2).reshape(g * c_in_g, c_out // g, kh, kw)
@@ -249,8 +249,21 @@ class ConvGeometry:
             z = F.conv2d(F.pad(y, (full_w, full_w, full_h, full_h)), swapped.flip(-2, -1), None, 1, 0, self.dilation, g)
         else:
             output_padding = (hp - ((ho - 1) * sh + dh * (kh - 1) + 1), wp - ((wo - 1) * sw + dw * (kw - 1) + 1))
+            same = self._conv_padding
+            if same is not None:  # conv^T and the crop pad^T in one call
+                return F.conv_transpose2d(y, kernel, None, self.stride, same, output_padding, self.groups, self.dilation)
             z = F.conv_transpose2d(y, kernel, None, self.stride, 0, output_padding, self.groups, self.dilation)
         return self._unpad_adjoint(z)
+
+    def _transpose_is_faster(self, y: torch.Tensor) -> bool:
+        """Whether ``conv_transpose2d`` beats the flipped-kernel conv for this adjoint.
+
+        For channels-last inputs oneDNN's grouped transposed conv is the faster one (2 threads,
+        32x32, 10 groups of 32 channels: 1.04 ms against 1.79 ms), except with few output
+        channels per group (32 -> 3: 0.36 ms against 0.05 ms).
+        """
+        channels_last = y.dim() == 4 and not y.is_contiguous() and y.is_contiguous(memory_format=torch.channels_last)
+        return channels_last and self.out_channels // self.groups >= 8
 
     def kernel_grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``grad_K <y, W(K) x>`` summed over the batch: ``(C_out, C_in/groups, kh, kw)``.

@@ -45,6 +45,25 @@ def test_adjoint_identity_and_kernel_grad(mode, stride, dilation, groups, kernel
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("stride", (1, 2))
+@pytest.mark.parametrize("c_in,c_out,groups", [(3, 16, 1), (16, 3, 1), (8, 16, 2), (6, 4, 2)], ids=str)
+def test_channels_last_inputs_give_the_same_operator(mode, stride, c_in, c_out, groups):
+    """The refresh keeps CPU vectors channels-last; there the adjoint may take conv_transpose2d."""
+    geometry = ConvGeometry.create((c_out, c_in // groups, 3, 3), (10, 9), stride=stride, padding=1,
+                                   groups=groups, padding_mode=mode)
+    gen = torch.Generator().manual_seed(1)
+    k = torch.randn(geometry.weight_shape, dtype=torch.float64, generator=gen)
+    x = torch.randn(geometry.input_shape(), dtype=torch.float64, generator=gen)
+    y = torch.randn(geometry.output_shape(), dtype=torch.float64, generator=gen)
+    x_cl, y_cl = (t.contiguous(memory_format=torch.channels_last) for t in (x, y))
+    assert geometry._transpose_is_faster(y_cl) == (c_out // groups >= 8)
+    assert not geometry._transpose_is_faster(y)
+    torch.testing.assert_close(geometry.apply(k, x_cl), geometry.apply(k, x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(geometry.adjoint(k, y_cl), geometry.adjoint(k, y), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(geometry.kernel_grad(x_cl, y_cl), geometry.kernel_grad(x, y), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stride", (1, 2))
 def test_apply_matches_nn_conv2d(mode, stride):
     conv = torch.nn.Conv2d(3, 5, (3, 2), stride=stride, padding=(1, 2), dilation=(1, 2), bias=False,
                            padding_mode=mode, dtype=torch.float64)

@@ -197,6 +197,31 @@ def test_normalize_segments(dtype, device):
     torch.testing.assert_close(got[[2, 4]].cpu(), fallback[[2, 4]].to(dtype), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("P,L,M", [(1, 3, 37), (33, 5, 7), (300, 2, 3), (2, 4, 1000)], ids=str)
+def test_normalize_segments_rows_layout(P, L, M, dtype, device):
+    """(P, L, M): segment l is x[:, l, :] (a channels-last stack); agrees with the explicit per-segment norm."""
+    gen = torch.Generator().manual_seed(P * L)
+    x = torch.randn(P, L, M, dtype=F64, generator=gen) * torch.linspace(0.5, 3.0, L, dtype=F64)[:, None]
+    x[:, L // 2] = 0.0  # falls back
+    fallback = torch.randn(P, L, M, dtype=F64, generator=gen)
+    got = torch.ops.srnc_ext.normalize_segments(_strided(x.to(device, dtype)), fallback.to(device, dtype), EPS)
+    assert got.dtype == dtype and got.shape == x.shape
+    segments = x.transpose(0, 1).reshape(L, -1)
+    explicit = (segments / segments.norm(dim=1, keepdim=True)).reshape(L, P, M).transpose(0, 1)
+    explicit[:, L // 2] = fallback[:, L // 2]
+    if dtype in LOW:
+        baseline = reweight_ref.normalize_segments(x.to(dtype).float(), fallback.to(dtype).float(), EPS).to(dtype)
+        _assert_close(got, explicit, dtype, baseline, "normalize_segments")
+    else:
+        expected = reweight_ref.normalize_segments(x.to(dtype).to(F64), fallback.to(dtype).to(F64), EPS)
+        torch.testing.assert_close(expected, explicit.to(dtype).to(F64), rtol=1e-6 if dtype == torch.float32 else 1e-12,
+                                   atol=1e-7 if dtype == torch.float32 else 1e-14)
+        _assert_close(got, expected, dtype, what="normalize_segments")
+    torch.testing.assert_close(got[:, L // 2].cpu(), fallback[:, L // 2].to(dtype), rtol=0, atol=0)
+
+
 def test_opcheck():
     tensors, scalars, grad = _case(3, "3x3", 2)
     kernel = tensors["kernel"].clone().requires_grad_()
@@ -205,8 +230,8 @@ def test_opcheck():
     _, stats = torch.ops.srnc_ext.reweight_forward(*forward_args)
     backward_args = (grad, *tensors.values(), stats.detach(), *scalars.values())
     torch.library.opcheck(torch.ops.srnc_ext.reweight_backward.default, backward_args)
-    x = torch.randn(4, 9, dtype=F64)
-    torch.library.opcheck(torch.ops.srnc_ext.normalize_segments.default, (x, torch.randn_like(x), 1e-12))
+    for x in (torch.randn(4, 9, dtype=F64), torch.randn(5, 3, 4, dtype=F64)):
+        torch.library.opcheck(torch.ops.srnc_ext.normalize_segments.default, (x, torch.randn_like(x), 1e-12))
 
 
 def test_stats_not_differentiable_and_constants_get_no_gradient():
@@ -256,8 +281,10 @@ def test_bad_backward_and_normalize_inputs():
     with pytest.raises(RuntimeError, match="grad must have kernel's shape"):
         torch.ops.srnc_ext.reweight_backward(grad[:, 1:], **tensors, stats=stats, **scalars)
     x = torch.randn(4, 9, dtype=F64)
-    with pytest.raises(RuntimeError, match="x must be \\(L, N\\)"):
+    with pytest.raises(RuntimeError, match="x must be \\(L, N\\) or \\(P, L, M\\)"):
         torch.ops.srnc_ext.normalize_segments(x[0], x[0], 1e-12)
+    with pytest.raises(RuntimeError, match="x must be \\(L, N\\) or \\(P, L, M\\)"):
+        torch.ops.srnc_ext.normalize_segments(x[None, None], x[None, None], 1e-12)
     with pytest.raises(RuntimeError, match="fallback must have x's dtype"):
         torch.ops.srnc_ext.normalize_segments(x, x.float(), 1e-12)
 

@@ -73,3 +73,15 @@ def test_normalize_segments_rows_and_fallback():
     out = normalize_segments(x, fallback, 1e-12)
     torch.testing.assert_close(out[[0, 1, 3]].norm(dim=1), torch.ones(3, dtype=torch.float64))
     torch.testing.assert_close(out[2], fallback[2])
+
+
+def test_normalize_segments_rows_layout_is_a_permuted_row_layout():
+    """(P, L, M) with segment l = x[:, l, :] equals the (L, P*M) rows of the permuted tensor."""
+    x = torch.randn(6, 4, 5, dtype=torch.float64)
+    x[:, 1] = 0.0
+    fallback = torch.randn(6, 4, 5, dtype=torch.float64)
+    out = normalize_segments(x, fallback, 1e-12)
+    rows = normalize_segments(x.transpose(0, 1).reshape(4, -1), fallback.transpose(0, 1).reshape(4, -1), 1e-12)
+    torch.testing.assert_close(out, rows.reshape(4, 6, 5).transpose(0, 1), rtol=1e-14, atol=1e-15)
+    with pytest.raises(ValueError, match="x must be \\(L, N\\) or \\(P, L, M\\)"):
+        normalize_segments(x[0, 0], fallback[0, 0], 1e-12)

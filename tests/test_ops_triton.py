@@ -161,6 +161,26 @@ def test_normalize_segments_matches_reference(L, N, dtype):
         assert (got.double() - want).abs().max() <= 2 * (base.double() - want).abs().max() + 1e-5
 
 
+@pytest.mark.parametrize("P,L,M,dtype", [(33, 5, 7, torch.float64), (300, 2, 3, torch.float32), (2, 4, 1000, torch.float32),
+                                         (17, 3, 5, torch.bfloat16)], ids=lambda v: str(v).removeprefix("torch."))
+def test_normalize_segments_rows_layout(P, L, M, dtype):
+    """(P, L, M): segment l is x[:, l, :] (a channels-last stack)."""
+    gen = torch.Generator().manual_seed(P)
+    x = torch.randn(P, L, M, dtype=torch.float64, generator=gen).to(dtype)
+    x[:, L // 2] = 0.0
+    fallback = torch.randn(P, L, M, dtype=torch.float64, generator=gen).to(dtype)
+    got = triton_ops.normalize_segments(_strided(x).to(DEVICE), fallback.to(DEVICE), 1e-12).cpu()
+    assert got.dtype == dtype and torch.equal(got[:, L // 2], fallback[:, L // 2])
+    segments = x.double().transpose(0, 1).reshape(L, -1)
+    explicit = (segments / segments.norm(dim=1, keepdim=True)).reshape(L, P, M).transpose(0, 1)
+    explicit[:, L // 2] = fallback[:, L // 2].double()
+    if dtype in TOL:
+        torch.testing.assert_close(got.double(), explicit, **TOL[dtype])
+    else:
+        base = reweight_ref.normalize_segments(x.float(), fallback.float(), 1e-12).to(dtype)
+        assert (got.double() - explicit).abs().max() <= 2 * (base.double() - explicit).abs().max() + 1e-5
+
+
 def _small_args(variant=2, L=2, dtype=torch.float64):
     tensors, scalars, grad = _stack(L, "3x3", variant)  # case i has variant i
     return [t.to(DEVICE, dtype) for t in tensors], scalars, grad.to(DEVICE, dtype)
@@ -173,8 +193,8 @@ def test_opcheck(variant):
     torch.library.opcheck(torch.ops.srnc_ext_triton.reweight_forward.default, (kernel, *tensors[1:], *scalars))
     _, stats = reweight_ref.reweight_forward(*tensors, *scalars)
     torch.library.opcheck(torch.ops.srnc_ext_triton.reweight_backward.default, (grad, *tensors, stats, *scalars))
-    x = torch.randn(3, 7, dtype=torch.float64, device=DEVICE)
-    torch.library.opcheck(torch.ops.srnc_ext_triton.normalize_segments.default, (x, torch.ones_like(x), 1e-12))
+    for x in (torch.randn(3, 7, dtype=torch.float64, device=DEVICE), torch.randn(4, 3, 5, dtype=torch.float64, device=DEVICE)):
+        torch.library.opcheck(torch.ops.srnc_ext_triton.normalize_segments.default, (x, torch.ones_like(x), 1e-12))
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -88,3 +88,49 @@ def test_mark_fresh_after_an_in_place_copy_of_the_same_values():
     assert all(m.is_stale() for m in model.modules() if isinstance(m, SRNCConv2d))
     assert srnc_ext.mark_fresh(model) == 14
     assert not any(m.is_stale() for m in model.modules() if isinstance(m, SRNCConv2d))
+
+
+class Wide(nn.Module):
+    """Layers with >= 8 output channels: on channels-last vectors the adjoint takes conv_transpose2d."""
+
+    def __init__(self):
+        super().__init__()
+        kw = dict(beta=0.3, input_size=7, dtype=torch.float64)
+        self.body = nn.ModuleList(SRNCConv2d(9, 9, 3, padding=1, **kw) for _ in range(3))
+        self.out = SRNCConv2d(9, 2, 3, padding=1, **kw)  # 2 output channels: the flipped-kernel conv
+
+    def forward(self, x):
+        for layer in self.body:
+            x = x + torch.relu(layer(x))
+        return self.out(x)
+
+
+def test_vector_layout_changes_speed_not_results(monkeypatch):
+    """CPU vectors are channels-last; NCHW vectors (forced) train to the same state."""
+    torch.manual_seed(0)
+    channels_last = Wide()
+    assert all(m.u.is_contiguous(memory_format=torch.channels_last) and not m.u.is_contiguous()
+               for m in channels_last.modules() if isinstance(m, SRNCConv2d))
+    monkeypatch.setattr(refresh_module, "vector_format", lambda device: torch.contiguous_format)
+    nchw = copy.deepcopy(channels_last)
+    for m in nchw.modules():
+        if isinstance(m, SRNCConv2d):
+            for name in ("u", "v", "u_out", "v_out"):
+                setattr(m, name, getattr(m, name).contiguous())
+    monkeypatch.undo()
+
+    def train(model, gen):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(10):
+            loss = model(torch.randn(2, 9, 7, 7, generator=gen, dtype=torch.float64)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    train(channels_last, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(refresh_module, "vector_format", lambda device: torch.contiguous_format)
+    train(nchw, torch.Generator().manual_seed(1))
+    assert nchw.body[0].u.is_contiguous() and channels_last.body[0].u.is_contiguous(memory_format=torch.channels_last)
+    for (name, a), b in zip(channels_last.state_dict().items(), nchw.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)

@@ -50,7 +50,8 @@ def _require() -> None:
 
 
 def normalize_segments(x: Tensor, fallback: Tensor, eps: float) -> Tensor:
-    """Row-wise ``x / ||x||`` or ``fallback`` where ``||x|| <= eps``; ``x, fallback: (L, N)``."""
+    """Segment-wise ``x / ||x||`` or ``fallback`` where ``||x|| <= eps``; ``x, fallback: (L, N)`` or
+    ``(P, L, M)`` (segment ``l`` is ``x[:, l, :]``)."""
     _require()
     return torch.ops.srnc_ext.normalize_segments(x, fallback, float(eps))
 
@@ -120,7 +121,7 @@ if AVAILABLE:
 
     @torch.library.register_fake("srnc_ext::normalize_segments")
     def _normalize_segments_fake(x, fallback, eps):
-        torch._check(x.dim() == 2, lambda: f"normalize_segments: x must be (L, N), got {tuple(x.shape)}")
+        torch._check(x.dim() in (2, 3), lambda: f"normalize_segments: x must be (L, N) or (P, L, M), got {tuple(x.shape)}")
         _check_like("normalize_segments", x, "x", fallback, "fallback")
         return x.new_empty(x.shape)
 

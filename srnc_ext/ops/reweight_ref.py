@@ -23,8 +23,15 @@ def variant_code(variant: str, beta: float) -> int:
 
 
 def normalize_segments(x: Tensor, fallback: Tensor, eps: float) -> Tensor:
-    """Row-wise ``x / ||x||``, or the ``fallback`` row where ``||x|| <= eps``. ``x, fallback: (L, N)``."""
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    """Segment-wise ``x / ||x||``, or the ``fallback`` segment where ``||x|| <= eps``.
+
+    ``x, fallback``: ``(L, N)`` (segment ``l`` is row ``l``) or ``(P, L, M)`` (segment ``l`` is
+    ``x[:, l, :]``, how a channels-last stack of ``L`` layers' vectors lies in memory).
+    """
+    if x.dim() not in (2, 3):
+        raise ValueError(f"normalize_segments: x must be (L, N) or (P, L, M), got shape {tuple(x.shape)}")
+    dims = (1,) if x.dim() == 2 else (0, 2)
+    norm = torch.linalg.vector_norm(x, dim=dims, keepdim=True)
     return torch.where(norm > eps, x / norm.clamp_min(eps), fallback)
 
 
@@ -35,7 +42,7 @@ def prepare_constants(s1: Tensor, s1_out: Tensor, gram_pinv: Tensor, variant: in
     ``consts = (<S1, D>, <D, S1_out>)``. No gradient flows through these.
     """
     if variant == VARIANT_PROJECTED:
-        direction = s1 @ gram_pinv
+        direction = (s1.reshape(-1, s1.shape[-1]) @ gram_pinv).reshape(s1.shape)  # one GEMM, not L small ones
         consts = torch.stack([(s1 * direction).sum((1, 2)), (direction * s1_out).sum((1, 2))], 1)
     else:
         direction = s1

@@ -184,23 +184,27 @@ def _times_gram(k, g, ACC: tl.constexpr):
 # kernels (grid (L,))
 # ---------------------------------------------------------------------------------------------
 @_jit
-def _normalize_segments_kernel(x_ptr, f_ptr, out_ptr, eps: tl.float64, N,
+def _normalize_segments_kernel(x_ptr, f_ptr, out_ptr, eps: tl.float64, N, INNER, STRIDE,
                                ACC: tl.constexpr, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64) * N
+    # segment element i of layer l lies at (i // INNER) * STRIDE + l * INNER + i % INNER
+    base = tl.program_id(0).to(tl.int64) * INNER
     cols = tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), ACC)
     for n0 in range(0, N, BLOCK_N):
-        x = _load(x_ptr + row, n0 + cols, n0 + cols < N, ACC)
+        i = n0 + cols
+        x = _load(x_ptr + base, (i // INNER) * STRIDE + i % INNER, i < N, ACC)
         acc += x * x
     norm = _sqrt(tl.sum(acc, axis=0))
     eps = tl.full([], eps, tl.float64).to(ACC)
     keep = norm > eps
     denom = tl.maximum(norm, eps)
     for n0 in range(0, N, BLOCK_N):
-        mask = n0 + cols < N
-        x = _load(x_ptr + row, n0 + cols, mask, ACC)
-        f = _load(f_ptr + row, n0 + cols, mask, ACC)
-        tl.store(out_ptr + row + n0 + cols, tl.where(keep, x / denom, f).to(out_ptr.dtype.element_ty), mask=mask)
+        i = n0 + cols
+        mask = i < N
+        offs = (i // INNER) * STRIDE + i % INNER
+        x = _load(x_ptr + base, offs, mask, ACC)
+        f = _load(f_ptr + base, offs, mask, ACC)
+        tl.store(out_ptr + base + offs, tl.where(keep, x / denom, f).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit
@@ -327,11 +331,11 @@ def _scalars_args(alpha, beta_rank, positions, eps) -> Tuple[float, float, float
 def normalize_segments(x: Tensor, fallback: Tensor, eps: float) -> Tensor:
     x, fallback = x.contiguous(), fallback.contiguous()
     out = _empty(x.shape, x)
-    L, N = x.shape
+    P, L, M = x.shape if x.dim() == 3 else (1, *x.shape)
     with _launch_context(x.device):
         if out.numel():
-            _normalize_segments_kernel[(L,)](x, fallback, out, float(eps), N, ACC=_tl_acc(x.dtype),
-                                             BLOCK_N=min(triton.next_power_of_2(N), 4096))
+            _normalize_segments_kernel[(L,)](x, fallback, out, float(eps), P * M, M, L * M, ACC=_tl_acc(x.dtype),
+                                             BLOCK_N=min(triton.next_power_of_2(P * M), 4096))
     return out.to(x.dtype)
 
 

@@ -32,7 +32,7 @@ def _check_devices(op: str, **tensors: Tensor) -> None:
 
 def _check_normalize(x: Tensor, fallback: Tensor) -> None:
     op = "srnc_ext_triton.normalize_segments"
-    _check(x.dim() == 2, f"{op}: x must be (L, N), got shape {tuple(x.shape)}")
+    _check(x.dim() in (2, 3), f"{op}: x must be (L, N) or (P, L, M) (segment l is x[:, l, :]), got shape {tuple(x.shape)}")
     _check(fallback.shape == x.shape,
            f"{op}: fallback must have x's shape {tuple(x.shape)}, got {tuple(fallback.shape)}")
     _check(x.dtype in FLOAT_DTYPES, f"{op}: x must be float16/bfloat16/float32/float64, got {x.dtype}")
@@ -133,7 +133,8 @@ _reweight_forward.register_autograd(_backward, setup_context=_setup_context)
 # public wrappers
 # ---------------------------------------------------------------------------------------------
 def normalize_segments(x: Tensor, fallback: Tensor, eps: float) -> Tensor:
-    """Row-wise ``x / ||x||``, or the ``fallback`` row where ``||x|| <= eps``. ``x, fallback: (L, N)``."""
+    """Segment-wise ``x / ||x||``, or the ``fallback`` segment where ``||x|| <= eps``. ``x, fallback: (L, N)``
+    or ``(P, L, M)`` (segment ``l`` is ``x[:, l, :]``)."""
     return _normalize_segments(x, fallback, float(eps))
 
 
