@@ -132,9 +132,12 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
             new.update(u_out=u_out, v_out=v_out)
         direction, consts = prepare_constants(s1, s1_out, first._gram_pinv, code)
     chunks = {name: value.chunk(n, 1) for name, value in new.items()}
-    for i, layer in enumerate(layers):
-        layer._commit({name: chunk[i] for name, chunk in chunks.items()},
-                      s1[i : i + 1], direction[i : i + 1], s1_out[i : i + 1], consts[i : i + 1], mark_refreshed)
+    pairs = [pair for i, layer in enumerate(layers) for pair in layer._commit_pairs(
+        {name: chunk[i] for name, chunk in chunks.items()}, s1[i : i + 1], direction[i : i + 1],
+        s1_out[i : i + 1], consts[i : i + 1])]
+    torch._foreach_copy_([buffer for buffer, _ in pairs], [value for _, value in pairs])  # one call, not 6 L
+    for layer in layers:
+        layer._committed(mark_refreshed)
 
 
 def _stack(vectors: List[torch.Tensor], fmt: torch.memory_format) -> torch.Tensor:

@@ -241,15 +241,22 @@ class SRNCConv2d(nn.Conv2d):
             raise ValueError(f"n_iterations must be an int >= 1, got {n_iterations!r}")
         _refresh.refresh_layers([self], n_iterations)
 
-    def _commit(self, vectors, s1, direction, s1_out, consts, mark_refreshed: bool) -> None:
-        """Store a refresh's results (called by ``srnc_ext.refresh`` once the whole group succeeded)."""
-        for name, value in vectors.items():
-            getattr(self, name).copy_(value)
-        for name, value in (("_s1", s1), ("_direction", direction), ("_s1_out", s1_out), ("_consts", consts)):
-            getattr(self, name).copy_(value)
+    def _commit_pairs(self, vectors, s1, direction, s1_out, consts) -> list:
+        """``(buffer, new value)`` for each buffer a refresh's results go to."""
+        pairs = [(getattr(self, name), value) for name, value in vectors.items()]
+        return pairs + [(self._s1, s1), (self._direction, direction), (self._s1_out, s1_out), (self._consts, consts)]
+
+    def _committed(self, mark_refreshed: bool) -> None:
+        """Record that the buffers of ``_commit_pairs`` now hold a refresh's results."""
         self._state_version += 1
         if mark_refreshed:
             self._refreshed_at = self._weight_key()
+
+    def _commit(self, vectors, s1, direction, s1_out, consts, mark_refreshed: bool) -> None:
+        """Store a refresh's results."""
+        for buffer, value in self._commit_pairs(vectors, s1, direction, s1_out, consts):
+            buffer.copy_(value)
+        self._committed(mark_refreshed)
 
     @torch.no_grad()
     def _recompute_constants(self) -> None:
