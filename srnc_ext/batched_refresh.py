@@ -32,6 +32,9 @@ from .operator import ConvGeometry
 from .precision import no_autocast
 
 _LAYERS: "weakref.WeakSet" = weakref.WeakSet()
+# first layer of a group -> {vector name: (buffer keys, stacked tensor)}: a group's stacked vectors
+# from its last refresh, reused while every layer's buffer is that same, unmodified tensor.
+_STACKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 BATCHED = True  # False: one group per layer (the per-layer path; for tests and benchmarks)
 
 
@@ -115,8 +118,9 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
             raise ValueError(f"weight contains NaN or inf (layers {bad} of this refresh group); "
                              "the power-iteration vectors were not updated")
         fmt = vector_format(kernel.device)
-        u, v = _power_iteration(ops, group, kernel, _stack([m.u for m in layers], fmt),
-                                _stack([m.v for m in layers], fmt), n_iterations, n, eps)
+        cached = _STACKS.get(first, {})
+        u, v = _power_iteration(ops, group, kernel, _stack(layers, "u", fmt, cached),
+                                _stack(layers, "v", fmt, cached), n_iterations, n, eps)
         s1 = group.kernel_grad(v, u).reshape(n, -1, taps)
         new = {"u": u, "v": v}
         s1_out = s1
@@ -126,8 +130,8 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
             direction, consts = prepare_constants(s1, s1, first._gram_pinv, code)
             scaled, _ = ops.reweight_forward(kernel.reshape(n, -1, taps), s1, direction, s1, first._gram, consts,
                                              *first.op_scalars())
-            u_out, v_out = _power_iteration(ops, group, scaled.reshape(kernel.shape), _stack([m.u_out for m in layers], fmt),
-                                            _stack([m.v_out for m in layers], fmt), n_iterations, n, eps)
+            u_out, v_out = _power_iteration(ops, group, scaled.reshape(kernel.shape), _stack(layers, "u_out", fmt, cached),
+                                            _stack(layers, "v_out", fmt, cached), n_iterations, n, eps)
             s1_out = group.kernel_grad(v_out, u_out).reshape(n, -1, taps)
             new.update(u_out=u_out, v_out=v_out)
         direction, consts = prepare_constants(s1, s1_out, first._gram_pinv, code)
@@ -138,11 +142,26 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
     torch._foreach_copy_([buffer for buffer, _ in pairs], [value for _, value in pairs])  # one call, not 6 L
     for layer in layers:
         layer._committed(mark_refreshed)
+    _STACKS[first] = {name: (_buffer_keys(layers, name), value) for name, value in new.items()}
 
 
-def _stack(vectors: List[torch.Tensor], fmt: torch.memory_format) -> torch.Tensor:
-    """``(1, L*C, H, W)``: the layers' ``(1, C, H, W)`` vectors side by side, in ``fmt``."""
-    return torch.cat(vectors, 1).contiguous(memory_format=fmt)
+def _buffer_keys(layers, name: str) -> tuple:
+    """Each layer's ``name`` buffer with its version counter (any write or replacement changes this)."""
+    return tuple((buffer, buffer._version) for buffer in (getattr(layer, name) for layer in layers))
+
+
+def _stack(layers, name: str, fmt: torch.memory_format, cached: dict) -> torch.Tensor:
+    """``(1, L*C, H, W)``: the layers' ``(1, C, H, W)`` ``name`` vectors side by side, in ``fmt``.
+
+    The group's last refresh result when the buffers still hold exactly it (saves a copy of all
+    vectors per refresh); the stacked copy is never written to.
+    """
+    keys, stacked = cached.get(name, ((), None))
+    current = [getattr(layer, name) for layer in layers]
+    if (stacked is not None and stacked.is_contiguous(memory_format=fmt) and len(keys) == len(current)
+            and all(b is buffer and version == buffer._version for (b, version), buffer in zip(keys, current))):
+        return stacked
+    return torch.cat(current, 1).contiguous(memory_format=fmt)
 
 
 def _normalized(ops, x: torch.Tensor, fallback: torch.Tensor, n_layers: int, eps: float) -> torch.Tensor:

@@ -134,3 +134,28 @@ def test_vector_layout_changes_speed_not_results(monkeypatch):
     for (name, a), b in zip(channels_last.state_dict().items(), nchw.state_dict().values()):
         if isinstance(a, torch.Tensor):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("change", ["copy_", "replace", "load_state_dict"])
+def test_reused_stack_follows_external_changes_of_the_vectors(change):
+    """A group reuses its stacked vectors only while the layers' buffers still hold them."""
+    torch.manual_seed(0)
+    model = Wide()
+    _ = [srnc_ext.refresh(model) for _ in range(2)]  # the second refresh reuses the first's stacks
+    layer = model.body[1]
+    new = torch.randn_like(layer.u)  # u: each power-iteration step starts from it (v only as fallback)
+    new /= new.norm()
+    if change == "copy_":
+        layer.u.copy_(new)
+    elif change == "replace":
+        layer.u = new.contiguous(memory_format=torch.channels_last)
+    else:
+        state = model.state_dict()
+        state["body.1.u"] = new
+        model.load_state_dict(state)
+    fresh = copy.deepcopy(model)  # no reusable stacks
+    srnc_ext.refresh(model)
+    srnc_ext.refresh(fresh)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
