@@ -123,7 +123,7 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
                                 _stack(layers, "v", fmt, cached), n_iterations, n, eps)
         s1 = group.kernel_grad(v, u).reshape(n, -1, taps)
         new = {"u": u, "v": v}
-        s1_out = s1
+        s1_out, direction = s1, None
         if code == VARIANT_PROJECTED:
             # With S1 standing in for S1_out the op returns alpha K_rw / (<K,S1>/(<K,S1>+eps) + eps),
             # a positive multiple of K_rw: all the second power iteration needs.
@@ -134,7 +134,7 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
                                             _stack(layers, "v_out", fmt, cached), n_iterations, n, eps)
             s1_out = group.kernel_grad(v_out, u_out).reshape(n, -1, taps)
             new.update(u_out=u_out, v_out=v_out)
-        direction, consts = prepare_constants(s1, s1_out, first._gram_pinv, code)
+        direction, consts = prepare_constants(s1, s1_out, first._gram_pinv, code, direction)
     chunks = {name: value.chunk(n, 1) for name, value in new.items()}
     pairs = [pair for i, layer in enumerate(layers) for pair in layer._commit_pairs(
         {name: chunk[i] for name, chunk in chunks.items()}, s1[i : i + 1], direction[i : i + 1],

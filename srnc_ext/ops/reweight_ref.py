@@ -6,7 +6,7 @@ Shapes: ``L`` stacked layers, ``M = C_out * C_in/groups`` kernel slices, ``T = k
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -35,14 +35,17 @@ def normalize_segments(x: Tensor, fallback: Tensor, eps: float) -> Tensor:
     return torch.where(norm > eps, x / norm.clamp_min(eps), fallback)
 
 
-def prepare_constants(s1: Tensor, s1_out: Tensor, gram_pinv: Tensor, variant: int) -> Tuple[Tensor, Tensor]:
+def prepare_constants(s1: Tensor, s1_out: Tensor, gram_pinv: Tensor, variant: int,
+                      direction: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``(direction V (L, M, T), consts (L, 2))`` for the ops, from the refreshed rank-one kernels.
 
     paper/SN: ``V = S1``, ``consts = (||S1||^2, 0)``; projected: ``V = D = S1 G^+``,
-    ``consts = (<S1, D>, <D, S1_out>)``. No gradient flows through these.
+    ``consts = (<S1, D>, <D, S1_out>)``; ``direction``: ``D`` from an earlier call with the same
+    ``s1`` (it does not depend on ``s1_out``). No gradient flows through these.
     """
     if variant == VARIANT_PROJECTED:
-        direction = (s1.reshape(-1, s1.shape[-1]) @ gram_pinv).reshape(s1.shape)  # one GEMM, not L small ones
+        if direction is None:
+            direction = (s1.reshape(-1, s1.shape[-1]) @ gram_pinv).reshape(s1.shape)  # one GEMM, not L small ones
         consts = torch.stack([(s1 * direction).sum((1, 2)), (direction * s1_out).sum((1, 2))], 1)
     else:
         direction = s1
