@@ -375,7 +375,9 @@ class SRNCConv2d(nn.Conv2d):
         for name, old in saved.items():
             new = self._buffers.get(name)
             if old is not None and new is not None and new.dtype != target:
-                self._buffers[name] = old.to(device=new.device, dtype=target)
+                self._buffers[name] = new = old.to(device=new.device, dtype=target)
+            if name in self._vector_names and new is not None:  # the memory format the refresh uses there
+                self._buffers[name] = new.contiguous(memory_format=_refresh.vector_format(new.device))
         self._resolve_ops()
         self._weight_cache = None
         return self

@@ -159,3 +159,14 @@ def test_reused_stack_follows_external_changes_of_the_vectors(change):
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         if isinstance(a, torch.Tensor):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_vectors_follow_the_memory_format_of_their_device(monkeypatch):
+    layer = SRNCConv2d(4, 4, 3, padding=1, input_size=6)
+    assert layer.u.is_contiguous(memory_format=torch.channels_last) and not layer.u.is_contiguous()
+    # what .to(cuda) does to them, without a GPU: the device's format is applied on every _apply
+    monkeypatch.setattr(refresh_module, "vector_format", lambda device: torch.contiguous_format)
+    before = layer.u.clone()
+    layer.double()
+    assert layer.u.is_contiguous() and layer.v.is_contiguous()
+    torch.testing.assert_close(layer.u, before.double(), rtol=0, atol=0)
