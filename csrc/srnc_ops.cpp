@@ -72,48 +72,59 @@ inline void add_squares(const scalar_t* p, int64_t len, acc_t (&lanes)[kLanes]) 
   }
 }
 
-// normalize_segments walks each layer's rows directly instead of element by element through
-// NormalizeOp::offset: it is memory-bound, and the generic loop does not vectorize. Same
-// arithmetic (NormalizeOp::scalars, keep, value); sums in blocks of about kChunk elements.
+// x86-64 builds default to SSE2; on Linux with GCC the memory-bound normalize loop is also
+// compiled for AVX2 and picked at load time (ifunc), for whichever CPU runs it.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define SRNC_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SRNC_CPU_CLONES
+#endif
+
+// One layer of normalize_segments, walking its rows directly instead of element by element
+// through NormalizeOp::offset (which does not vectorize). Same arithmetic as the CUDA kernel
+// (NormalizeOp::scalars, keep, value); sums in blocks of about kChunk elements.
+template <typename scalar_t, typename acc_t>
+SRNC_CPU_CLONES void normalize_layer(const NormalizeOp<scalar_t, acc_t>& op, int64_t l) {
+  const int64_t rows = op.rows(), inner = op.inner, stride = op.layers * inner;
+  acc_t total = 0, lanes[kLanes] = {};
+  int64_t filled = 0;
+  const auto fold = [&] {
+    acc_t block = 0;
+    for (acc_t& lane : lanes) {
+      block += lane;
+      lane = 0;
+    }
+    total += block;
+    filled = 0;
+  };
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row = op.x + r * stride + l * inner;
+    for (int64_t c = 0; c < inner; c += kChunk) {
+      const int64_t len = std::min(kChunk, inner - c);
+      add_squares(row + c, len, lanes);
+      if ((filled += len) >= kChunk) fold();
+    }
+  }
+  fold();
+  const acc_t norm = op.scalars(l, &total);
+  const bool keep = op.keep(norm);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t base = r * stride + l * inner;
+    const scalar_t* x = op.x + base;
+    scalar_t* out = op.out + base;
+    if (keep) {
+      for (int64_t j = 0; j < inner; ++j) out[j] = op.value(x[j], norm);
+    } else {
+      std::copy(op.fallback + base, op.fallback + base + inner, out);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void run_layerwise_cpu(const NormalizeOp<scalar_t, acc_t>& op) {
-  const int64_t rows = op.rows(), inner = op.inner, stride = op.layers * inner;
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, op.n));
   at::parallel_for(0, op.layers, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t l = begin; l < end; ++l) {
-      acc_t total = 0, lanes[kLanes] = {};
-      int64_t filled = 0;
-      const auto fold = [&] {
-        acc_t block = 0;
-        for (acc_t& lane : lanes) {
-          block += lane;
-          lane = 0;
-        }
-        total += block;
-        filled = 0;
-      };
-      for (int64_t r = 0; r < rows; ++r) {
-        const scalar_t* row = op.x + r * stride + l * inner;
-        for (int64_t c = 0; c < inner; c += kChunk) {
-          const int64_t len = std::min(kChunk, inner - c);
-          add_squares(row + c, len, lanes);
-          if ((filled += len) >= kChunk) fold();
-        }
-      }
-      fold();
-      const acc_t norm = op.scalars(l, &total);
-      const bool keep = op.keep(norm);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t base = r * stride + l * inner;
-        const scalar_t* x = op.x + base;
-        scalar_t* out = op.out + base;
-        if (keep) {
-          for (int64_t j = 0; j < inner; ++j) out[j] = op.value(x[j], norm);
-        } else {
-          std::copy(op.fallback + base, op.fallback + base + inner, out);
-        }
-      }
-    }
+    for (int64_t l = begin; l < end; ++l) normalize_layer(op, l);
   });
 }
 

@@ -226,6 +226,16 @@ def test_non_finite_weight_raises_before_vectors_move(bad):
         torch.testing.assert_close(buf, before[name], rtol=0, atol=0)
 
 
+def test_huge_finite_weight_whose_sum_overflows_is_not_rejected():
+    """The refresh checks finiteness by a sum first; an overflowing sum of finite entries is fine."""
+    layer = SRNCConv2d(4, 4, 3, padding=1, input_size=8)
+    with torch.no_grad():
+        layer.weight.fill_(3e37)  # 144 entries: the float32 sum overflows to inf
+    assert not torch.isfinite(layer.weight.sum())
+    layer.refresh()
+    assert torch.isfinite(layer.u).all() and torch.isfinite(layer.v).all()
+
+
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
