@@ -1,14 +1,35 @@
-"""(b) The refresh phase alone for 12 layers: batched + fused ops against the per-layer reference."""
+"""(b) The refresh phase alone for 12 layers: batched + fused ops against the per-layer reference.
+
+``test_refresh_table_cpu`` times, interleaved in one process, the batched refresh with the
+compiled ops, the per-layer refresh with the same ops (what batching alone gains) and the
+per-layer refresh with the reference ops, at beta = 0.1 and beta = 1, twice:
+
+* alone: ``refresh_layers`` called back to back, with the minor page faults per refresh (in a
+  process that does nothing else, glibc maps and unmaps the refresh's megabyte-sized blocks
+  afresh every time, and faulting them in costs milliseconds);
+* in training: the refresh that the optimizer step runs, in the training loop of
+  ``workloads.make_step`` (batch 4, 7 frames), where the allocator has been warmed by the step.
+
+It writes ``results/refresh_cpu.md``.
+"""
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
 import srnc_ext
 from srnc_ext import batched_refresh
-from workloads import available_srnc_kinds, build
+from workloads import available_srnc_kinds, build, make_step
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def _layers(kind, device="cpu", width=32, size=32):
-    """The 12 SRN-C layers of the benchmark model (two signatures: 11 + the output conv)."""
+    """The 12 SRN-C layers of the benchmark model (signatures: input conv, 10 body convs, output conv)."""
     return [m for m in build(kind, width, size, device).modules() if isinstance(m, srnc_ext.SRNCConv2d)]
 
 
@@ -19,6 +40,79 @@ def test_refresh_phase_cpu(benchmark, kind, batched, monkeypatch):
     monkeypatch.setattr(batched_refresh, "BATCHED", batched)
     layers = _layers(kind)
     benchmark.pedantic(lambda: batched_refresh.refresh_layers(layers), rounds=20, iterations=1, warmup_rounds=2)
+
+
+def _time_alone(rows, monkeypatch, rounds=20, warmup=3):
+    layers = {key: _layers(kind) for key, (kind, _) in rows.items()}
+    times, faults = {key: [] for key in rows}, {key: [] for key in rows}
+    for round_ in range(warmup + rounds):  # interleaved
+        for key, (_, batched) in rows.items():
+            monkeypatch.setattr(batched_refresh, "BATCHED", batched)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            batched_refresh.refresh_layers(layers[key])
+            elapsed = time.perf_counter() - start
+            if round_ >= warmup:
+                times[key].append(elapsed)
+                faults[key].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return ({key: statistics.median(v) for key, v in times.items()},
+            {key: statistics.median(v) for key, v in faults.items()})
+
+
+def _time_in_training(rows, monkeypatch, rounds=7, warmup=2):
+    steps = {key: make_step(build(kind, 32, 32), batch=4, frames=7, size=32) for key, (kind, _) in rows.items()}
+    spent = [0.0]
+    original = batched_refresh._refresh_group
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    monkeypatch.setattr(batched_refresh, "_refresh_group", timed)
+    times = {key: [] for key in rows}
+    for round_ in range(warmup + rounds):
+        for key, (_, batched) in rows.items():
+            monkeypatch.setattr(batched_refresh, "BATCHED", batched)
+            spent[0] = 0.0
+            steps[key]()
+            if round_ >= warmup:
+                times[key].append(spent[0])
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
+def test_refresh_table_cpu(monkeypatch):
+    compiled = available_srnc_kinds("cpu")[0]
+    if compiled == "srnc-reference":
+        pytest.skip("the compiled ops are not built")
+    rows = {}  # (label, beta) -> (kind, batched)
+    for suffix, beta in (("", "0.1"), ("-beta1", "1")):
+        rows[("batched, compiled ops", beta)] = (compiled + suffix, True)
+        rows[("per layer, compiled ops", beta)] = (compiled + suffix, False)
+        rows[("per layer, reference ops", beta)] = ("srnc-reference" + suffix, False)
+    alone, faults = _time_alone(rows, monkeypatch)
+    training = _time_in_training(rows, monkeypatch)
+    lines = [
+        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads. The 12 SRN-C layers of the benchmark model (32 channels, 32x32). "
+        "Alone: median of 20 interleaved back-to-back refreshes. In training: median of 7 interleaved training "
+        "steps (batch 4, 7 frames), the refresh run by the optimizer step.",
+        "",
+        "| beta | refresh | alone (ms) | speed-up | page faults | in training (ms) | speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (label, beta), value in alone.items():
+        base = ("per layer, reference ops", beta)
+        lines.append(f"| {beta} | {label} | {1e3 * value:.2f} | {alone[base] / value:.2f} | "
+                     f"{faults[(label, beta)]:.0f} | {1e3 * training[(label, beta)]:.2f} | "
+                     f"{training[base] / training[(label, beta)]:.2f} |")
+    lines += ["", "speed-up: over the per-layer refresh with the reference ops, same beta, same setting."]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "refresh_cpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    assert all(v > 0 for v in (*alone.values(), *training.values()))
 
 
 @pytest.mark.gpu

@@ -15,6 +15,8 @@ frames, square crops. Variants of its convolutions:
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -113,9 +115,13 @@ def make_step(model: nn.Module, batch: int, frames: int, size: int, device="cpu"
         loss = (model(noisy) - clean).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
         if clean.is_cuda:
             torch.cuda.synchronize()
+        start = time.perf_counter()
+        opt.step()  # SRN-C layers refresh here (optimizer step post-hook)
+        if clean.is_cuda:
+            torch.cuda.synchronize()
+        step.optimizer_s = time.perf_counter() - start
         return loss
 
     return step
