@@ -19,6 +19,7 @@ reads a channels-last stack of L layers' vectors in place as ``(H * W, L, C)`` s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional
@@ -52,6 +53,7 @@ def register(layer) -> None:
     _LAYERS.add(layer)
 
 
+@functools.lru_cache(maxsize=256)
 def stacked(geometry: ConvGeometry, n_layers: int) -> ConvGeometry:
     """The geometry of ``n_layers`` same-signature convs run side by side as one grouped conv."""
     return dataclasses.replace(
@@ -112,7 +114,8 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
     ops = first._op_impl
     group = stacked(geometry, n)
     with no_autocast(first.weight):
-        kernel = torch.cat([w.detach().to(first._vector_dtype()) for w in weights])  # (L*C_out, C_in/g, kh, kw)
+        dtype = first._vector_dtype()
+        kernel = torch.cat([w.detach() if w.dtype == dtype else w.detach().to(dtype) for w in weights])  # (L*C_out, C_in/g, kh, kw)
         # a sum is finite iff every entry is (up to overflow, which the exact check sorts out): one cheap pass
         if not bool(torch.isfinite(kernel.sum())) and not bool(torch.isfinite(kernel).all()):
             bad = [i for i, w in enumerate(weights) if not bool(torch.isfinite(w).all())]
@@ -148,7 +151,7 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
 
 def _buffer_keys(layers, name: str) -> tuple:
     """Each layer's ``name`` buffer with its version counter (any write or replacement changes this)."""
-    return tuple((buffer, buffer._version) for buffer in (getattr(layer, name) for layer in layers))
+    return tuple((buffer, buffer._version) for buffer in (layer._buffers[name] for layer in layers))
 
 
 def _stack(layers, name: str, fmt: torch.memory_format, cached: dict) -> torch.Tensor:
@@ -158,7 +161,7 @@ def _stack(layers, name: str, fmt: torch.memory_format, cached: dict) -> torch.T
     vectors per refresh); the stacked copy is never written to.
     """
     keys, stacked = cached.get(name, ((), None))
-    current = [getattr(layer, name) for layer in layers]
+    current = [layer._buffers[name] for layer in layers]
     if (stacked is not None and stacked.is_contiguous(memory_format=fmt) and len(keys) == len(current)
             and all(b is buffer and version == buffer._version for (b, version), buffer in zip(keys, current))):
         return stacked

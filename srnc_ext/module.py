@@ -243,8 +243,10 @@ class SRNCConv2d(nn.Conv2d):
 
     def _commit_pairs(self, vectors, s1, direction, s1_out, consts) -> list:
         """``(buffer, new value)`` for each buffer a refresh's results go to."""
-        pairs = [(getattr(self, name), value) for name, value in vectors.items()]
-        return pairs + [(self._s1, s1), (self._direction, direction), (self._s1_out, s1_out), (self._consts, consts)]
+        buffers = self._buffers  # not Module.__getattr__: this runs for every layer on every step
+        pairs = [(buffers[name], value) for name, value in vectors.items()]
+        return pairs + [(buffers["_s1"], s1), (buffers["_direction"], direction), (buffers["_s1_out"], s1_out),
+                        (buffers["_consts"], consts)]
 
     def _committed(self, mark_refreshed: bool) -> None:
         """Record that the buffers of ``_commit_pairs`` now hold a refresh's results."""
