@@ -298,7 +298,8 @@ class SRNCConv2d(nn.Conv2d):
         return self._weight_cache[1]
 
     def _op_inputs(self) -> tuple:
-        return (self._s1, self._direction, self._s1_out, self._gram, self._consts)
+        b = self._buffers  # not Module.__getattr__: this runs on every step
+        return (b["_s1"], b["_direction"], b["_s1_out"], b["_gram"], b["_consts"])
 
     def _reweight(self) -> torch.Tensor:
         """The reweight op with its own autograd (traceable by ``torch.compile``)."""
@@ -408,10 +409,11 @@ class _SharedReweight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, layer):
+        inputs, scalars = layer._op_inputs(), layer.op_scalars()
         with torch.no_grad(), no_autocast(weight):
-            kernel = weight.detach().to(layer._vector_dtype()).reshape(layer._s1.shape)
-            out, stats = layer._op_impl.reweight_forward(kernel, *layer._op_inputs(), *layer.op_scalars())
-        ctx.saved = (layer._op_impl, kernel, layer._op_inputs(), stats, layer.op_scalars(), weight.shape, weight.dtype)
+            kernel = weight.detach().to(layer._vector_dtype()).reshape(inputs[0].shape)
+            out, stats = layer._op_impl.reweight_forward(kernel, *inputs, *scalars)
+        ctx.saved = (layer._op_impl, kernel, inputs, stats, scalars, weight.shape, weight.dtype)
         return out.reshape(weight.shape).to(weight.dtype)
 
     @staticmethod
