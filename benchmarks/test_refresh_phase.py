@@ -93,7 +93,7 @@ def _time_literal_reference(kinds, rounds=20, warmup=3):
     return {beta: statistics.median(v) for beta, v in times.items()}
 
 
-def _time_in_training(rows, monkeypatch, rounds=7, warmup=2):
+def _time_in_training(rows, monkeypatch, rounds=15, warmup=2):
     steps = {key: make_step(build(kind, 32, 32), batch=4, frames=7, size=32) for key, (kind, _) in rows.items()}
     spent = [0.0]
     original = batched_refresh._refresh_group
@@ -132,7 +132,7 @@ def test_refresh_table_cpu(monkeypatch):
     lines = [
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. The 12 SRN-C layers of the benchmark model (32 channels, 32x32). "
-        "Alone: median of 20 interleaved back-to-back refreshes. In training: median of 7 interleaved training "
+        "Alone: median of 20 interleaved back-to-back refreshes. In training: median of 15 interleaved training "
         "steps (batch 4, 7 frames), the refresh run by the optimizer step.",
         "",
         "| beta | refresh | alone (ms) | speed-up | page faults | in training (ms) | speed-up |",
