@@ -17,6 +17,13 @@ def no_autocast(tensor: torch.Tensor):
     A no-op context when autocast is not on there (entering ``torch.autocast`` costs
     microseconds, and this runs on every layer's forward)."""
     kind = tensor.device.type
-    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+    if kind in ("cpu", "cuda") and _autocast_enabled(kind):
         return torch.autocast(device_type=kind, enabled=False)
     return contextlib.nullcontext()
+
+
+def _autocast_enabled(kind: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(kind)
+    except TypeError:  # a torch whose is_autocast_enabled takes no device: turn it off regardless
+        return True
