@@ -145,7 +145,7 @@ struct NormalizeOp {
   SRNC_HOST_DEVICE int64_t rows() const { return inner ? n / inner : 0; }
   // Memory offset of element i of layer l's segment.
   SRNC_HOST_DEVICE int64_t offset(int64_t l, int64_t i) const {
-    if (inner == n) return l * n + i;
+    if (inner == n) return l * n + i;  // the (layers, n) case, without the division
     const int64_t r = i / inner;
     return (r * layers + l) * inner + (i - r * inner);
   }

@@ -29,7 +29,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .ops import VARIANT_PROJECTED, prepare_constants
-from .operator import ConvGeometry
+from .operator import ConvGeometry, is_channels_last
 from .precision import no_autocast
 
 _LAYERS: "weakref.WeakSet" = weakref.WeakSet()
@@ -114,8 +114,7 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
     ops = first._op_impl
     group = stacked(geometry, n)
     with no_autocast(first.weight):
-        dtype = first._vector_dtype()
-        kernel = torch.cat([w.detach() if w.dtype == dtype else w.detach().to(dtype) for w in weights])  # (L*C_out, C_in/g, kh, kw)
+        kernel = torch.cat([w.detach().to(first._vector_dtype()) for w in weights])  # (L*C_out, C_in/g, kh, kw)
         # a sum is finite iff every entry is (up to overflow, which the exact check sorts out): one cheap pass
         if not bool(torch.isfinite(kernel.sum())) and not bool(torch.isfinite(kernel).all()):
             bad = [i for i, w in enumerate(weights) if not bool(torch.isfinite(w).all())]
@@ -171,7 +170,7 @@ def _stack(layers, name: str, fmt: torch.memory_format, cached: dict) -> torch.T
 def _normalized(ops, x: torch.Tensor, fallback: torch.Tensor, n_layers: int, eps: float) -> torch.Tensor:
     """Each layer's block of ``x (1, L*C, H, W)`` divided by its norm (``fallback``'s block where
     that is <= eps), in ``x``'s memory format, with one ``normalize_segments`` call."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(x):
         _, c, h, w = x.shape
         fallback = fallback.contiguous(memory_format=torch.channels_last)
         segments = lambda t: t.permute(0, 2, 3, 1).reshape(h * w, n_layers, c // n_layers)  # noqa: E731  (views)
