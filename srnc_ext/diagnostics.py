@@ -15,11 +15,18 @@ run inside the loop (``p`` depends on nothing later). Afterwards:
   ``influence[t] >= threshold * influence.max()`` (0 when the influence is all zero);
 * ``growth = max_{t > tau} rms(y_t) / rms(y_tau)`` over the full forward run (inf if non-finite).
 
-Verdict ``"unstable"`` if a non-finite value appeared, or ``growth > growth_factor``, or the
-TRF is unbounded: it reaches the first frame (``extent == tau``) and the first frame's influence
-is at least half the maximum (influence that does not decay into the past). ``"inconclusive"``
-when it reaches the first frame but decays (a field longer than the sequence: use more frames).
-Otherwise ``"no instability found"`` (evidence, not proof, of stability).
+* ``tail_rate``: the influence's per-frame rate over the oldest ``k = max(2, ceil((tau + 1) / 4))``
+  frames, ``exp(-slope)`` of a least-squares line through ``log influence[t]``, t = 0..k-1 (frames
+  with zero influence left out): ``a`` for ``h_t = a h_{t-1} + x_t`` (influence ``a^(tau - t)``);
+  above 1 the influence grows into the past, 1 is a flat tail.
+
+Verdict (``trf_verdict``): ``"unstable"`` if a non-finite value appeared, or
+``growth > growth_factor``, or the TRF is unbounded: it reaches the first frame
+(``extent == tau``) and its tail does not decay, ``tail_rate >= max_decay_rate`` (0.99: a tail
+shrinking by less than 1 % per frame would need more than 680 frames to fall by 1e3).
+``"inconclusive"`` when it reaches the first frame and its tail decays (a field longer than the
+sequence: use more frames). Otherwise ``"no instability found"`` (evidence, not proof, of
+stability).
 
 ``instability_onsets`` -- the long-video test (section 3.1): PSNR < 0 on the raw output (or a
 non-finite output) counts an instability and resets the state.
@@ -33,7 +40,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-__all__ = ["TRFResult", "trf", "as_recurrent", "instability_onsets"]
+__all__ = ["TRFResult", "trf", "trf_verdict", "tail_rate", "as_recurrent", "instability_onsets"]
 
 _PROTOCOL = "model.step(x_t, state) -> (y_t, state), with state=None the zero state"
 
@@ -70,6 +77,7 @@ class TRFResult:
     tau: int
     settings: Dict = field(default_factory=dict)
     X_initial: Optional[torch.Tensor] = None  # the random starting sequence (for X - X0 plots)
+    tail_rate: Optional[float] = None  # per-frame rate of the influence over the oldest frames
 
     @property
     def threshold(self) -> float:
@@ -97,9 +105,59 @@ def _centre(y: torch.Tensor) -> torch.Tensor:
     return y[0, 0, y.shape[-2] // 2, y.shape[-1] // 2]
 
 
+def tail_rate(influence, tau: int) -> Optional[float]:
+    """Per-frame rate of ``influence`` (frames 0..tau, 0 the oldest) over its oldest
+    ``max(2, ceil((tau + 1) / 4))`` frames: ``exp(-slope)`` of the least-squares line through
+    ``log influence[t]`` (non-positive values left out; inf when one is not finite; None when
+    fewer than two frames are left)."""
+    values = torch.as_tensor(influence, dtype=torch.float64)[:tau + 1]
+    k = max(2, math.ceil((tau + 1) / 4))
+    tail = values[:k]
+    if not bool(torch.isfinite(tail).all()):
+        return math.inf
+    keep = tail > 0
+    if int(keep.sum()) < 2:
+        return None
+    t = torch.arange(k, dtype=torch.float64)[keep]
+    y = tail[keep].log()
+    slope = float(((t - t.mean()) * (y - y.mean())).sum() / (t - t.mean()).square().sum())
+    return math.exp(-slope)
+
+
+def trf_verdict(influence, tau: int, growth: float, nonfinite_at: Optional[dict] = None, *,
+                threshold: float = 1e-3, growth_factor: float = 10.0, max_decay_rate: float = 0.99) -> Dict:
+    """The TRF verdict from the measured numbers (see the module docstring): ``influence``
+    (frames,) with frame ``tau`` the optimized output, the output ``growth`` after t = 0 and the
+    first non-finite value, if any. Returns ``verdict``, ``reason``, ``extent`` and ``tail_rate``."""
+    safe = torch.nan_to_num(torch.as_tensor(influence, dtype=torch.float64), nan=math.inf)
+    peak = float(safe.max())
+    hits = (safe >= threshold * peak).nonzero() if peak > 0 else None
+    extent = tau - int(hits[0]) if hits is not None and len(hits) else 0
+    rate = tail_rate(safe, tau) if extent == tau else None
+    if nonfinite_at is not None:
+        verdict, reason = "unstable", (f"non-finite value at iteration {nonfinite_at['iteration']}, "
+                                       f"frame {nonfinite_at['frame']}")
+    elif growth > growth_factor:
+        verdict, reason = "unstable", f"outputs after t=0 grow by {growth:.3g} > growth_factor={growth_factor}"
+    elif extent == tau and (rate is None or rate >= max_decay_rate):
+        verdict, reason = "unstable", (
+            f"unbounded TRF: it reaches the first frame and its tail does not decay (per-frame rate "
+            f"{'undefined' if rate is None else format(rate, '.4g')} over the oldest frames >= "
+            f"max_decay_rate={max_decay_rate}; first frame at {float(safe[0]) / peak:.3g} of the maximum)")
+    elif extent == tau:
+        verdict, reason = "inconclusive", (
+            f"the TRF reaches the first frame (influence ratio {float(safe[0]) / peak:.3g} >= threshold={threshold}) "
+            f"but its tail decays (per-frame rate {rate:.4g} < {max_decay_rate}): longer than the sequence, "
+            "use more frames")
+    else:
+        verdict, reason = "no instability found", (f"TRF bounded: extent {extent} < tau={tau} frames, "
+                                                   f"growth {growth:.3g} <= {growth_factor}")
+    return {"verdict": verdict, "reason": reason, "extent": extent, "tail_rate": rate}
+
+
 def trf(model, *, frames: int = 81, size: int = 64, channels: int = 3, iters: int = 500, lr: float = 0.05,
         seed: int = 0, device=None, progress: bool = True, threshold: float = 1e-3,
-        growth_factor: float = 10.0) -> TRFResult:
+        growth_factor: float = 10.0, max_decay_rate: float = 0.99) -> TRFResult:
     """Temporal Receptive Field diagnostic (see the module docstring)."""
     if not callable(getattr(model, "step", None)):
         raise TypeError(f"trf needs a recurrent model following {_PROTOCOL}; "
@@ -112,9 +170,10 @@ def trf(model, *, frames: int = 81, size: int = 64, channels: int = 3, iters: in
     _check_number("lr", lr, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
     _check_number("threshold", threshold, lambda v: 0 < v <= 1, "in (0, 1]")
     _check_number("growth_factor", growth_factor, lambda v: v > 0, "> 0")
+    _check_number("max_decay_rate", max_decay_rate, lambda v: 0 < v <= 1, "in (0, 1]")
     tau = frames // 2
     settings = dict(frames=frames, size=size, channels=channels, iters=iters, lr=lr, seed=seed,
-                    threshold=threshold, growth_factor=growth_factor)
+                    threshold=threshold, growth_factor=growth_factor, max_decay_rate=max_decay_rate)
 
     params = list(model.parameters()) if callable(getattr(model, "parameters", None)) else []
     if device is None:
@@ -179,34 +238,18 @@ def trf(model, *, frames: int = 81, size: int = 64, channels: int = 3, iters: in
         if plain_mode is not None and callable(getattr(model, "train", None)):
             model.train(plain_mode)
 
-    safe = torch.nan_to_num(influence, nan=math.inf)
-    peak = float(safe.max())
-    hits = (safe >= threshold * peak).nonzero() if peak > 0 else None
-    extent = tau - int(hits[0]) if hits is not None and len(hits) else 0
     if Y.shape[0] == frames and bool(torch.isfinite(Y).all()):
         rms = Y.double().flatten(1).square().mean(1).sqrt()
         after = float(rms[tau + 1:].max())
         growth = after / float(rms[tau]) if float(rms[tau]) > 0 else (math.inf if after > 0 else 1.0)
     else:
         growth = math.inf
-    if nonfinite_at is not None:
-        verdict, reason = "unstable", (f"non-finite value at iteration {nonfinite_at['iteration']}, "
-                                       f"frame {nonfinite_at['frame']}")
-    elif growth > growth_factor:
-        verdict, reason = "unstable", f"outputs after t=0 grow by {growth:.3g} > growth_factor={growth_factor}"
-    elif extent == tau and float(safe[0]) >= 0.5 * peak:
-        verdict, reason = "unstable", (f"unbounded TRF: the first frame's influence is {float(safe[0]) / peak:.3g} of "
-                                       "the maximum (it does not decay into the past)")
-    elif extent == tau:
-        verdict, reason = "inconclusive", (f"the TRF reaches the first frame (influence ratio {float(safe[0]) / peak:.3g}"
-                                           f" >= threshold={threshold}) but decays: longer than the sequence, "
-                                           "use more frames")
-    else:
-        verdict, reason = "no instability found", (f"TRF bounded: extent {extent} < tau={tau} frames, "
-                                                   f"growth {growth:.3g} <= {growth_factor}")
+    judged = trf_verdict(influence, tau, growth, nonfinite_at, threshold=threshold, growth_factor=growth_factor,
+                         max_decay_rate=max_decay_rate)
+    extent, verdict, reason = judged["extent"], judged["verdict"], judged["reason"]
     return TRFResult(X=X.cpu(), Y=Y, p_history=p_history, influence=influence, extent=extent, growth=growth,
                      verdict=verdict, reason=reason, nonfinite_at=nonfinite_at, tau=tau, settings=settings,
-                     X_initial=X_initial)
+                     X_initial=X_initial, tail_rate=judged["tail_rate"])
 
 
 def _psnr(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

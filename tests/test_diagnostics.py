@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import srnc_ext
-from srnc_ext.diagnostics import TRFResult, as_recurrent, instability_onsets, trf
+from srnc_ext.diagnostics import TRFResult, as_recurrent, instability_onsets, trf, trf_verdict
 
 FAST = dict(frames=21, size=8, iters=40, progress=False)
 
@@ -214,3 +214,51 @@ def test_decaying_field_longer_than_the_sequence_is_inconclusive_not_unstable():
     model = as_recurrent(lambda x, h: ((x if h is None else 0.5 * h + x),) * 2)
     r = trf(model, frames=5, size=4, iters=3, progress=False)
     assert r.extent == r.tau and r.verdict == "inconclusive", r.reason
+
+
+# ---------------------------------------------------------------- the "decays" / "unbounded" rule (tail rate)
+@pytest.mark.parametrize("a,verdict", [(0.95, "inconclusive"), (1.0, "unstable"), (1.05, "unstable")])
+def test_tail_rate_of_linear_recurrences_decides_decay(a, verdict):
+    # influence a^(tau - t) reaches the first frame in all three (0.95^10 = 0.6 of the peak); only
+    # the tail's per-frame rate tells a decaying field (a < 1) from an unbounded one (a >= 1)
+    r = trf(Linear(a), **FAST)
+    torch.testing.assert_close(r.influence[:11], a ** torch.arange(10, -1, -1, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert r.extent == r.tau and r.growth <= 10 and r.nonfinite_at is None
+    assert r.tail_rate == pytest.approx(a, rel=1e-6)
+    assert r.verdict == verdict, r.reason
+    assert ("unbounded" in r.reason) == (verdict == "unstable")
+
+
+def test_decaying_linear_recurrence_with_enough_frames_is_bounded():
+    # a = 0.95 needs floor(log(1e-3) / log(0.95)) = 134 frames before t = 0: give it 140
+    r = trf(Linear(0.95), frames=281, size=4, iters=3, progress=False)
+    assert r.verdict == "no instability found" and r.extent == 134 and r.tail_rate is None
+
+
+def test_flat_and_basicvsr_like_profiles_are_unbounded():
+    tau = 20
+    flat = torch.cat([torch.full((tau + 1,), 0.7, dtype=torch.float64), torch.zeros(tau)])
+    judged = trf_verdict(flat, tau, growth=1.0)
+    assert judged["verdict"] == "unstable" and judged["tail_rate"] == pytest.approx(1.0)
+    # peak at t = 0, 0.033 of it one frame after t = -tau and 0.037 at t = -tau: a flat, slightly
+    # rising tail far below half the peak (the old rule's test) is still unbounded
+    profile = torch.zeros(2 * tau + 1, dtype=torch.float64)
+    profile[:tau + 1] = torch.tensor([0.037, 0.033, 0.035, 0.034, 0.036, 0.035] + [0.04 * 1.2 ** k for k in range(14)]
+                                     + [1.0], dtype=torch.float64)
+    judged = trf_verdict(profile, tau, growth=1.0)
+    assert judged["verdict"] == "unstable" and judged["extent"] == tau and judged["tail_rate"] >= 0.99
+    decaying = torch.zeros(2 * tau + 1, dtype=torch.float64)
+    decaying[:tau + 1] = 0.9 ** torch.arange(tau, -1, -1, dtype=torch.float64)
+    assert trf_verdict(decaying, tau, growth=1.0)["verdict"] == "inconclusive"
+    assert trf_verdict(decaying, tau, growth=1.0, max_decay_rate=0.85)["verdict"] == "unstable"
+
+
+def test_verdict_edge_cases():
+    tau = 4
+    assert trf_verdict(torch.zeros(9, dtype=torch.float64), tau, growth=1.0)["verdict"] == "no instability found"
+    growing = trf_verdict(torch.tensor([0, 0, 0, 0.5, 1, 0, 0, 0, 0.]), tau, growth=50.0)
+    assert growing["verdict"] == "unstable" and "grow" in growing["reason"]
+    nonfinite = trf_verdict(torch.full((9,), math.inf), tau, growth=math.inf, nonfinite_at={"iteration": 0, "frame": 2})
+    assert nonfinite["verdict"] == "unstable" and "non-finite" in nonfinite["reason"]
+    with pytest.raises(ValueError, match="max_decay_rate"):
+        trf(Linear(0.5), frames=5, size=4, iters=1, progress=False, max_decay_rate=1.5)
