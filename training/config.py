@@ -18,13 +18,19 @@ class Config:
     model: str = "vresnet-feat"
     task: str = "denoise"
     width: int = 16
-    methods: List[str] = field(default_factory=lambda: ["none", "srnc"])  # the pipeline trains one model per method
+    # the pipeline trains one model per method spec (constraints.parse_method: "srnc" takes alpha and
+    # beta below, "srnc-2-0.1" its own)
+    methods: List[str] = field(default_factory=lambda: ["none", "srnc"])
     alpha: float = 1.0
     beta: float = 1.0
     variant: str = "projected"
     n_power_iterations: int = 1
     dampening: float = 1.0
+    depth: Optional[int] = None  # convs of VDnCNN (10) / residual blocks of VResNet (5); None: the paper's
+    init: str = "default"  # conv init: "default" (PyTorch), "he", "glorot" (training.models.INITS)
     # data
+    channels: int = 3  # 3 (RGB) or 1 (gray, appendix G)
+    static_clips: float = 0.0  # probability that a synthetic training clip is static
     data: str = "synthetic"  # "synthetic" or the root of a Vimeo-90k septuplet folder
     list_file: Optional[str] = None  # a BasicSR/mmagic meta_info file for Vimeo-90k
     crop: int = 32
@@ -35,6 +41,7 @@ class Config:
     steps: int = 500
     lr: float = 1e-3
     schedule: str = "cosine"  # "constant", "cosine", "step"
+    warmup: int = 0  # steps of linear learning-rate warm-up (multiplies the schedule)
     grad_clip: Optional[float] = None
     seed: int = 0
     deterministic: bool = False
@@ -57,19 +64,28 @@ class Config:
 
     def validate(self) -> "Config":
         from .constraints import METHODS
-        from .models import MODEL_NAMES
+        from .models import INITS, MODEL_NAMES
 
         if self.model not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.model!r}; valid models: {', '.join(MODEL_NAMES)}")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ValueError(f"methods must be a non-empty list of {METHODS}, got {self.methods!r}")
+        from .constraints import parse_method
+
+        if not self.methods:
+            raise ValueError(f"methods must be a non-empty list of {METHODS} (e.g. srnc-2-0.1), got {self.methods!r}")
+        for spec in self.methods:
+            parse_method(spec)
         checks = [
             ("task", self.task in ("denoise", "sr2"), "one of ('denoise', 'sr2')"),
             ("width", self.width >= 1, ">= 1"),
             ("alpha", self.alpha > 0, "> 0"),
             ("beta", 0 < self.beta <= 1, "in (0, 1]"),
             ("dampening", 0 <= self.dampening <= 1, "in [0, 1]"),
+            ("depth", self.depth is None or self.depth >= (2 if self.model.startswith("vdncnn") else 1),
+             "None or >= 2 (vdncnn convs) / >= 1 (vresnet blocks)"),
+            ("init", self.init in INITS, f"one of {INITS}"),
+            ("channels", self.channels in (1, 3), "1 or 3"),
+            ("static_clips", 0 <= self.static_clips <= 1, "in [0, 1]"),
+            ("warmup", self.warmup >= 0, ">= 0"),
             ("crop", self.crop >= 8, ">= 8"),
             ("frames", self.frames >= 1, ">= 1"),
             ("batch", self.batch >= 1, ">= 1"),

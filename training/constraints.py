@@ -93,6 +93,22 @@ class SRN(nn.Module):
         return f"alpha={self.alpha}, beta={self.beta}, n_power_iterations={self.n_power_iterations}"
 
 
+def parse_method(spec: str):
+    """A pipeline method spec -> ``(method, config overrides)``: ``"none"``, ``"sn"``, ``"srnc"``
+    (alpha and beta from the config), ``"sn-1"`` (alpha 1), ``"srnc-2-0.1"`` / ``"srn-1-1"``
+    (alpha 2, beta 0.1 / alpha 1, beta 1). ValueError naming the spec otherwise."""
+    name, *numbers = str(spec).split("-")
+    most = {"none": 0, "sn": 1, "srnc": 2, "srn": 2}
+    if name not in most or len(numbers) > most[name]:
+        raise ValueError(f"bad method {spec!r}: expected one of {METHODS}, optionally followed by -alpha "
+                         "(sn, srn, srnc) and -beta (srn, srnc), e.g. srnc-2-0.1")
+    try:
+        values = [float(n) for n in numbers]
+    except ValueError:
+        raise ValueError(f"bad method {spec!r}: alpha and beta must be numbers") from None
+    return name, dict(zip(("alpha", "beta"), values))
+
+
 def _check_params(method: str, params: dict) -> dict:
     allowed = _DEFAULTS[method]
     unknown = sorted(set(params) - set(allowed))

@@ -33,6 +33,15 @@ def psnr_per_frame(model, clips, task: str, sigma: float, *, seed: int = 1, y_ch
 instability_test = diagnostics.instability_onsets
 
 
+def stability_state(instabilities: int, trf_verdict: str) -> str:
+    """Both stability tests together: "unstable" when either found an instability (a long-video
+    instability or an unstable TRF: each is a proof), "stable" when neither did (0 instabilities
+    and TRF "no instability found"), "undetermined" otherwise (an inconclusive TRF)."""
+    if instabilities > 0 or trf_verdict == "unstable":
+        return "unstable"
+    return "stable" if trf_verdict == "no instability found" else "undetermined"
+
+
 def degrader(task: str, sigma: float, seed: int = 2):
     """``clean (1, C, H, W) -> (input, target)`` with a fixed noise stream."""
     gen = torch.Generator().manual_seed(seed)

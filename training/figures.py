@@ -13,24 +13,20 @@ from typing import Dict, List
 
 import torch
 
-from .models import MODEL_NAMES, build_model
+from .models import INITS, MODEL_NAMES, build_model
 
 
 @torch.no_grad()
 def output_norms(frames: int = 200, size: int = 32, width: int = 16, seed: int = 0, init: str = "he") -> Dict[str, List[float]]:
-    """RMS of ``y_t`` for ``t = 1..frames`` for each untrained model (``init``: "he" or
-    "default", seed ``seed``) on i.i.d. uniform random frames; ``inf`` once an output is not finite."""
-    if init not in ("he", "default"):
-        raise ValueError(f"init must be 'he' or 'default', got {init!r}")
+    """RMS of ``y_t`` for ``t = 1..frames`` for each untrained model (``init``: one of
+    ``training.models.INITS``, seed ``seed``) on i.i.d. uniform random frames; ``inf`` once an
+    output is not finite."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
     curves = {}
     for name in MODEL_NAMES:
         torch.manual_seed(seed)
-        model = build_model(name, width=width).eval()
-        if init == "he":
-            for conv in model.modules():
-                if isinstance(conv, torch.nn.Conv2d):
-                    torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-                    torch.nn.init.zeros_(conv.bias)
+        model = build_model(name, width=width, init=init).eval()
         gen = torch.Generator().manual_seed(seed + 1)
         state, norms = None, []
         for _ in range(frames):

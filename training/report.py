@@ -51,7 +51,7 @@ def plot_psnr_per_frame(folder: Path, results: Dict[str, Dict]) -> Path:
     return _save(fig, ax, folder / "psnr_per_frame.png", "frame", "PSNR (dB)")
 
 
-def plot_long_sequence(folder: Path, results: Dict[str, Dict]) -> Path:
+def plot_long_sequence(folder: Path, results: Dict[str, Dict], name: str = "psnr_long_sequence.png") -> Path:
     """PSNR per frame of the instability test, each onset marked with a star."""
     fig, ax = _plt().subplots(figsize=(7, 3.2))
     for method, r in results.items():
@@ -61,7 +61,18 @@ def plot_long_sequence(folder: Path, results: Dict[str, Dict]) -> Path:
         for onset in r["onsets"]:
             position += onset
             ax.plot(position, trace[position - 1], "*", color=line.get_color(), ms=9)
-    return _save(fig, ax, folder / "psnr_long_sequence.png", "frame", "PSNR (dB, clamped output)")
+    return _save(fig, ax, folder / name, "frame", "PSNR (dB, clamped output)")
+
+
+def plot_curves(path: Path, curves: Dict[str, list], xlabel: str, ylabel: str, log: bool = False) -> Path:
+    """One line per ``(x, y)`` list (e.g. training loss against step)."""
+    fig, ax = _plt().subplots(figsize=(6, 3.2))
+    for name, points in curves.items():
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], lw=0.8, label=name)
+    if log:
+        ax.set_yscale("log")
+    return _save(fig, ax, path, xlabel, ylabel)
 
 
 def plot_spectra(folder: Path, spectra: Dict[str, list], average: Dict[str, list]) -> Path:
@@ -79,19 +90,70 @@ def plot_spectra(folder: Path, spectra: Dict[str, list], average: Dict[str, list
     return _save(fig, right, folder / "spectra.png", "singular value index (fraction)", "average singular value")
 
 
+def _span(values) -> str:
+    return f"{min(values):.3f}-{max(values):.3f} (mean {sum(values) / len(values):.3f})"
+
+
+def summary_lines(metrics: Dict) -> list:
+    """The report's three-line summary: which models are stable by which test, what stability
+    cost in PSNR_T against the unconstrained model, and what the constraints' true sigma_1 is."""
+    from .evaluate import stability_state
+
+    groups = {"unstable": [], "stable": [], "undetermined": []}
+    for spec, t in metrics["train"].items():
+        if t.get("diverged_at") is not None:
+            continue
+        s, trf = metrics["instability"][spec], metrics["trf"][spec]
+        groups[stability_state(s["instabilities"], trf["verdict"])].append(
+            f"{spec} ({s['instabilities']}/{s['frames']} long-video instabilities, TRF {trf['verdict']})")
+    diverged = [f"{spec} (step {t['diverged_at']})" for spec, t in metrics["train"].items()
+                if t.get("diverged_at") is not None]
+    first = ("1. **Stability.** Unstable (an unstable input was found): " + ("; ".join(groups["unstable"]) or "none")
+             + ". Stable by both tests: " + ("; ".join(groups["stable"]) or "none") + "."
+             + (" Undetermined (TRF inconclusive): " + "; ".join(groups["undetermined"]) + "." if groups["undetermined"] else "")
+             + (" Diverged in training: " + ", ".join(diverged) + "." if diverged else ""))
+    ev = metrics["eval"]
+    if "none" in ev:
+        costs = [f"{spec} {e['psnr_T']:.2f} dB ({e['psnr_T'] - ev['none']['psnr_T']:+.2f})" for spec, e in ev.items()
+                 if spec != "none"]
+        second = (f"2. **Cost.** PSNR_T (last frame, held-out clips): unconstrained {ev['none']['psnr_T']:.2f} dB; "
+                  + "; ".join(costs) + ".")
+    else:
+        second = "2. **Cost.** No unconstrained model in `methods` to compare with."
+    sigmas = []
+    for spec, rows in metrics["spectra"].items():
+        asked = metrics.get("asked", {}).get(spec, {})
+        if asked.get("method", spec) == "none":
+            continue
+        where = "on the reshaped kernel" if asked.get("method") in ("sn", "srn") else "on the true operator"
+        sigmas.append(f"{spec} ({where}, asked {asked.get('alpha', float('nan')):g}): "
+                      f"{_span([r['sigma_max'] for r in rows])}")
+    third = ("3. **True sigma_1** of every conv layer's operator (exact / ARPACK): " + ("; ".join(sigmas) or "-") + "."
+             + (" The reshaped-kernel constraints miss the sigma_1 they are asked for." if any(
+                 metrics.get("asked", {}).get(k, {}).get("method") in ("sn", "srn") and
+                 max(r["sigma_max"] for r in rows) > 1.05 * metrics["asked"][k]["alpha"]
+                 for k, rows in metrics["spectra"].items()) else ""))
+    return [first, second, third]
+
+
 def write_report(folder: Path, config: Dict, metrics: Dict) -> Path:
-    lines = [f"# Run report: {config['model']} ({config['task']})", "",
+    lines = [f"# Run report: {config['model']} ({config['task']})", ""] + summary_lines(metrics) + ["",
              f"Config: `config.json`. Methods: {', '.join(metrics['train'])}.", "",
              "| method | steps | last loss | train time (s) | PSNR_1 | PSNR_T | PSNR mean | instabilities | onset d1 | onset d9 | max sigma_1 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, t in metrics["train"].items():
+        if t.get("diverged_at") is not None:
+            lines.append(f"| {method} | diverged at step {t['diverged_at']} (loss {t['last_loss']}) | | | | | | | | | |")
+            continue
         e, s = metrics["eval"][method], metrics["instability"][method]
         sig = max(r["sigma_max"] for r in metrics["spectra"][method])
         lines.append(f"| {method} | {t['steps']} | {t['last_loss']:.5f} | {t['seconds']:.1f} | {e['psnr_1']:.2f} | "
                      f"{e['psnr_T']:.2f} | {e['mean']:.2f} | {s['instabilities']} / {s['frames']} | "
                      f"{s['onset_decile_1']} | {s['onset_decile_9']} | {sig:.3f} |")
     lines += ["", "PSNR on clamped outputs (RGB, data range 1); instabilities: raw-output PSNR below 0 or a "
-              "non-finite output, after which the state is reset (section 3.1); onset deciles are `inf` when none.",
+              "non-finite output, after which the state is reset (section 3.1); onset deciles are `inf` when none. "
+              "A model is unstable when either test finds an instability (each is a proof), stable when neither "
+              "does.",
               "", "![PSNR per frame](psnr_per_frame.png)", "", "![PSNR over a long sequence](psnr_long_sequence.png)",
               "", "![spectra](spectra.png)", "",
               "Spectra: left, sigma_1 of each layer's true operator (its padding, exact or ARPACK); right, the "

@@ -7,9 +7,10 @@ long-video instability test, the true spectral norms of their layers, and a run 
 config, logs, checkpoints, ``metrics.json``, ``report.md`` and PNG plots.
 
 Subcommands run single stages: ``train``, ``eval``, ``instability``, ``spectra``, ``trf`` (the
-temporal receptive field diagnostic of a checkpoint or an untrained model) and ``figure2b``.
+temporal receptive field diagnostic of a checkpoint or an untrained model), ``figure2b`` and
+``reproduce`` (the paper's experiments at a CPU scale, resumable, with ``reproduction.md``).
 Configuration: ``--preset {default,smoke,paper}``, ``--config FILE.json``, ``--set key=value``
-(repeatable; e.g. ``--set model=vdncnn-rlsp --set beta=0.1 --set methods=none,srnc,sn``).
+(repeatable; e.g. ``--set model=vdncnn-rlsp --set methods=none,srnc-2-0.1,sn-1``).
 """
 from __future__ import annotations
 
@@ -57,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--model", choices=MODEL_NAMES, help="an untrained model of this name")
     trf_p.add_argument("--method", default="none", choices=METHODS, help="constraint of the model (default none)")
     sub.add_parser("figure2b", parents=[common], help="output norm of untrained models of every architecture")
+    rep = sub.add_parser("reproduce", parents=[common],
+                         help="the paper's experiments at CPU scale, resumable, with reproduction.md "
+                              "(--preset default or smoke; --out defaults to runs/reproduce-<preset>)")
+    rep.add_argument("--only", help="comma-separated experiments (default: fig2b,table3,table2,table5,appendixG,"
+                                    "appendixEF; also: recipe, the recipe search)")
     return parser
 
 
@@ -68,14 +74,16 @@ def _run_folder(args, config: Config) -> Path:
 
 
 def _eval_clips(config: Config):
-    return SyntheticClips(config.eval_clips, frames=config.frames, size=config.crop, seed=config.seed + 10_000)
+    return SyntheticClips(config.eval_clips, frames=config.frames, size=config.crop, seed=config.seed + 10_000,
+                          channels=config.channels)
 
 
 def _long_frames(config: Config):
     if config.long_video:
-        folder = FrameFolder(config.long_video)
+        folder = FrameFolder(config.long_video, channels=config.channels)
         return iter(folder), min(len(folder), config.long_frames)
-    return long_sequence(config.long_frames, size=config.crop, seed=config.seed + 20_000), config.long_frames
+    return (long_sequence(config.long_frames, size=config.crop, seed=config.seed + 20_000, channels=config.channels),
+            config.long_frames)
 
 
 def _inference_model(config: Config, model):
@@ -109,10 +117,11 @@ def stage_trf(config: Config, model, folder: Path, name: str) -> dict:
     from srnc_ext import diagnostics, plots
 
     result = diagnostics.trf(model, frames=config.trf_frames, size=config.trf_size, iters=config.trf_iters,
-                             seed=config.seed, device=config.device, progress=False)
+                             channels=config.channels, seed=config.seed, device=config.device, progress=False)
     plots.trf_figure(result, folder / f"trf_{name}.png")
     plots.influence_figure(result, folder / f"influence_{name}.png")
     return {"verdict": result.verdict, "reason": result.reason, "extent": result.extent, "growth": result.growth,
+            "tail_rate": result.tail_rate,
             "tau": result.tau, "nonfinite_at": result.nonfinite_at,
             "p_final": result.p_history[-1] if result.p_history else None,
             "influence": result.influence.tolist(), "settings": result.settings}
@@ -140,19 +149,35 @@ def average_spectrum(config: Config, model, points: int = 100):
 
 
 def pipeline(config: Config, folder: Path, progress: bool) -> dict:
-    metrics = {"train": {}, "eval": {}, "instability": {}, "spectra": {}, "average_spectrum": {}, "trf": {}}
-    for method in config.methods:
-        print(f"== {method}: training {config.model} for {config.steps} steps", flush=True)
-        metrics["train"][method] = train(config, method, folder / method, progress=progress)
-        model = load_trained(config, method, folder / method / "checkpoint.pt")
-        metrics["eval"][method] = stage_eval(config, model)
-        metrics["instability"][method] = stage_instability(config, model)
-        metrics["spectra"][method] = stage_spectra(config, model)
-        metrics["average_spectrum"][method] = average_spectrum(config, model)
-        metrics["trf"][method] = stage_trf(config, model, folder, method)
-        e, s = metrics["eval"][method], metrics["instability"][method]
+    """Train, evaluate and test every method of ``config.methods`` (specs like ``srnc-2-0.1``, see
+    ``constraints.parse_method``); a model whose training diverges is recorded and the job goes on."""
+    import dataclasses
+
+    from .constraints import parse_method
+    from .train import TrainingDiverged
+
+    metrics = {"train": {}, "eval": {}, "instability": {}, "spectra": {}, "average_spectrum": {}, "trf": {},
+               "asked": {}}
+    for spec in config.methods:
+        method, params = parse_method(spec)
+        cfg = dataclasses.replace(config, **params).validate()
+        metrics["asked"][spec] = {"method": method, "alpha": cfg.alpha, "beta": cfg.beta}
+        print(f"== {spec}: training {cfg.model} for {cfg.steps} steps", flush=True)
+        try:
+            metrics["train"][spec] = train(cfg, method, folder / spec, progress=progress)
+        except TrainingDiverged as err:
+            metrics["train"][spec] = {"method": method, "steps": err.step, "last_loss": err.loss, "diverged_at": err.step}
+            print(f"   {err}: recorded, going on", flush=True)
+            continue
+        model = load_trained(cfg, method, folder / spec / "checkpoint.pt")
+        metrics["eval"][spec] = stage_eval(cfg, model)
+        metrics["instability"][spec] = stage_instability(cfg, model)
+        metrics["spectra"][spec] = stage_spectra(cfg, model)
+        metrics["average_spectrum"][spec] = average_spectrum(cfg, model)
+        metrics["trf"][spec] = stage_trf(cfg, model, folder, spec)
+        e, s = metrics["eval"][spec], metrics["instability"][spec]
         print(f"   PSNR_1 {e['psnr_1']:.2f}  PSNR_T {e['psnr_T']:.2f}  mean {e['mean']:.2f} dB; "
-              f"{s['instabilities']} instabilities in {s['frames']} frames; TRF: {metrics['trf'][method]['verdict']}",
+              f"{s['instabilities']} instabilities in {s['frames']} frames; TRF: {metrics['trf'][spec]['verdict']}",
               flush=True)
     report.write_metrics(folder, metrics)
     report.plot_psnr_per_frame(folder, metrics["eval"])
@@ -163,8 +188,28 @@ def pipeline(config: Config, folder: Path, progress: bool) -> dict:
     return metrics
 
 
+def _reproduce(args, argv) -> int:
+    from .reproduce import reproduce
+
+    argv = sys.argv[1:] if argv is None else argv
+    folder = args.out or f"runs/reproduce-{args.preset}"
+    try:
+        reproduce(folder, preset=args.preset, only=args.only, config_file=args.config, overrides=args.set,
+                  command="python -m training.run " + " ".join(argv))
+    except KeyboardInterrupt:
+        print("\ninterrupted: every finished model and measurement is cached; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "reproduce":
+        return _reproduce(args, argv)
     try:
         config = make_config(args.preset, args.config, args.set)
     except (ValueError, FileNotFoundError) as err:

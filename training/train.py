@@ -26,13 +26,14 @@ from .data import SyntheticClips, Vimeo90kSeptuplets, make_pair
 from .models import build_model
 
 # config keys a checkpoint must agree on to be resumed or evaluated
-ARCH_KEYS = ("model", "task", "width", "alpha", "beta", "variant", "crop")
+ARCH_KEYS = ("model", "task", "width", "alpha", "beta", "variant", "crop", "depth", "channels")
 _CLIP_POOL = 4096  # synthetic training clips cycled through
 
 
 def build(config: Config, method: str) -> torch.nn.Module:
     """The model of ``config`` with constraint ``method`` applied (on ``config.device``)."""
-    model = build_model(config.model, task=config.task, width=config.width, dampening=config.dampening)
+    model = build_model(config.model, task=config.task, width=config.width, dampening=config.dampening,
+                        depth=config.depth, channels=config.channels, init=config.init)
     size = config.crop // 2 if config.task == "sr2" else config.crop
     params = {}
     if method == "srnc":
@@ -46,7 +47,11 @@ def build(config: Config, method: str) -> torch.nn.Module:
 def training_clips(config: Config):
     """The training clip dataset: embedded synthetic clips, or Vimeo-90k (validated up front)."""
     if config.data == "synthetic":
-        return SyntheticClips(_CLIP_POOL, frames=config.frames, size=config.crop, seed=config.seed)
+        return SyntheticClips(_CLIP_POOL, frames=config.frames, size=config.crop, seed=config.seed,
+                              channels=config.channels, static_prob=config.static_clips)
+    if config.channels != 3 or config.static_clips:
+        raise ValueError(f"channels={config.channels} and static_clips={config.static_clips} are for the synthetic "
+                         "data; Vimeo-90k is read as RGB clips (channels=3, static_clips=0)")
     return Vimeo90kSeptuplets(config.data, split="train", crop=config.crop, list_file=config.list_file,
                               frames=config.frames, seed=config.seed)
 
@@ -86,21 +91,39 @@ def distributed_context(config: Config):
     return dist.get_rank(), world
 
 
-def _scheduler(opt, config: Config):
+def lr_factor(config: Config, step: int) -> float:
+    """The learning rate of ``step`` over ``config.lr``: the schedule times a linear warm-up over
+    the first ``config.warmup`` steps."""
+    warm = min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
     if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / max(config.steps, 1))))
+        return warm * 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / max(config.steps, 1)))
     if config.schedule == "step":
-        return torch.optim.lr_scheduler.MultiStepLR(opt, [config.steps // 2, 3 * config.steps // 4], 0.1)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        return warm * 0.1 ** sum(step >= m for m in (config.steps // 2, 3 * config.steps // 4))
+    return warm
+
+
+def _scheduler(opt, config: Config):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(config, s))
+
+
+class TrainingDiverged(FloatingPointError):
+    """Training diverged at optimizer step ``step`` (0-based): the loss became non-finite (no update
+    is applied then), or the update made a weight non-finite. The last checkpoint is kept."""
+
+    def __init__(self, step: int, loss: float):
+        what = f"loss became {loss}" if not math.isfinite(loss) else f"the update made a weight non-finite (loss {loss})"
+        super().__init__(f"{what} at step {step}; the last checkpoint is kept")
+        self.step, self.loss = step, loss
 
 
 def check_compatible(saved: Dict, config: Config, method: str, path) -> None:
     """Raise ``ValueError`` saying which key differs between a checkpoint and the config."""
     if saved.get("method") != method:
         raise ValueError(f"checkpoint {path} was trained with method={saved.get('method')!r}, not {method!r}")
-    for key in ARCH_KEYS:
-        if saved["config"].get(key) != getattr(config, key):
-            raise ValueError(f"checkpoint {path} is incompatible: {key}={saved['config'].get(key)!r} there, "
+    for key in ARCH_KEYS:  # a key missing from an older checkpoint had its default value
+        there = saved["config"].get(key, Config.__dataclass_fields__[key].default)
+        if there != getattr(config, key):
+            raise ValueError(f"checkpoint {path} is incompatible: {key}={there!r} there, "
                              f"{getattr(config, key)!r} in this config")
 
 
@@ -205,18 +228,23 @@ def train(config: Config, method: str, folder, *, resume: bool = False, progress
                 loss = (net(inputs).float() - target).square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            opt.step()
-            sched.step()
-            done = step + 1
             if world > 1:  # log the global-batch loss, as a single process would
                 loss = loss.detach().clone()
                 torch.distributed.all_reduce(loss)
                 loss /= world
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss became {loss_value} at step {step}; the last checkpoint is kept")
+            if not math.isfinite(loss_value):  # before the update: the weights stay finite
+                raise TrainingDiverged(step, loss_value)
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            try:
+                opt.step()
+            except ValueError:  # an SRN-C refresh refuses non-finite weights (a finite loss, inf gradients)
+                if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                    raise
+                raise TrainingDiverged(step, loss_value) from None
+            sched.step()
+            done = step + 1
             if main_rank and ((step + 1) % config.log_every == 0 or step + 1 == last):
                 logger.log(step + 1, loss_value, sched.get_last_lr()[0], time.perf_counter() - start)
             if (step + 1) % config.checkpoint_every == 0:
@@ -225,6 +253,10 @@ def train(config: Config, method: str, folder, *, resume: bool = False, progress
                 _progress(step + 1, config.steps, loss_value, start, first)
     except KeyboardInterrupt:
         snapshot(done)  # completed steps only: resume repeats the interrupted one
+        if logger:
+            logger.close()
+        raise
+    except TrainingDiverged:
         if logger:
             logger.close()
         raise

@@ -224,3 +224,21 @@ def test_frame_folder_errors(tmp_path):
     (tmp_path / "bad" / "1.png").write_bytes(b"not a png")
     with pytest.raises(OSError, match=r"1\.png"):
         list(FrameFolder(str(tmp_path / "bad")))
+
+
+def test_static_clips_repeat_one_frame_and_leave_moving_ones_unchanged():
+    moving = SyntheticClips(12, frames=5, size=16, seed=3)
+    mixed = SyntheticClips(12, frames=5, size=16, seed=3, static_prob=0.5)
+    n_static = 0
+    for i in range(12):
+        clip = mixed[i]
+        if torch.equal(clip, clip[:1].expand_as(clip)):
+            n_static += 1
+            assert torch.equal(clip[0], moving[i][0])  # the moving clip's first frame, held
+        else:
+            assert torch.equal(clip, moving[i])
+    assert 0 < n_static < 12
+    every = SyntheticClips(3, frames=4, size=16, static_prob=1.0)
+    assert all(torch.equal(every[i], every[i][:1].expand(4, -1, -1, -1)) for i in range(3))
+    with pytest.raises(ValueError, match="static_prob"):
+        SyntheticClips(3, static_prob=1.5)

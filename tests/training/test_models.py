@@ -119,3 +119,30 @@ def test_bursts_validation():
     for burst in (1, 0, 2.5):
         with pytest.raises(ValueError, match="burst"):
             next(run_bursts(model, iter([torch.zeros(1, 3, 8, 8)]), burst=burst, overlap=True))
+
+
+@pytest.mark.parametrize("init,std", [("he", lambda fan_in, fan_out: (2 / fan_in) ** 0.5),
+                                      ("glorot", lambda fan_in, fan_out: (2 / (fan_in + fan_out)) ** 0.5)])
+def test_init_schemes(init, std):
+    torch.manual_seed(0)
+    model = build_model("vresnet-feat", width=32, init=init)
+    for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+        fan_in, fan_out = conv.weight[0].numel(), conv.weight.shape[0] * 9
+        assert abs(float(conv.weight.detach().std()) / std(fan_in, fan_out) - 1) < 0.15
+        assert not conv.bias.any()
+    default = build_model("vresnet-feat", width=32)
+    assert all(conv.bias.any() for conv in default.modules() if isinstance(conv, torch.nn.Conv2d))
+    with pytest.raises(ValueError, match="init"):
+        build_model("vresnet-feat", init="xavier")
+
+
+def test_depth_gives_appendix_g_tiny_model_and_shorter_vresnet():
+    tiny = build_model("vdncnn-feat", depth=3, width=32, channels=1)
+    convs = [m for m in tiny.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 3 and convs[0].in_channels == 33 and convs[-1].out_channels == 1
+    assert tiny(torch.rand(1, 4, 1, 8, 8)).shape == (1, 4, 1, 8, 8)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in build_model("vresnet-frame", depth=2).modules()) == 6
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in build_model("vdncnn-feat").modules()) == 10
+    for name, depth in (("vdncnn-feat", 1), ("vresnet-feat", 0), ("vresnet-feat", 2.0)):
+        with pytest.raises(ValueError, match="depth"):
+            build_model(name, depth=depth)

@@ -86,6 +86,7 @@ def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("override,match", [("model=vresnet-lstm", "vresnet-feat"), ("methods=none,magic", "srnc"),
+                                            ("methods=srnc-2-x", "srnc-2-x"), ("methods=sn-1-1", "sn-1-1"),
                                             ("beta=2", "beta"), ("widht=3", "valid keys"), ("steps=abc", "steps")])
 def test_bad_config_names_the_argument(override, match, capsys, tmp_path):
     assert main(["--set", override, "--out", str(tmp_path)]) == 2
@@ -100,13 +101,20 @@ def test_missing_dataset_fails_before_training(tmp_path):
 
 def test_pipeline_end_to_end_at_tiny_size(tmp_path):
     out = tmp_path / "run"
-    assert main(["--preset", "smoke", *sum((["--set", s] for s in TINY), []), "--out", str(out), "--no-progress"]) == 0
+    sets = sum((["--set", s] for s in TINY + ["methods=none,sn-1,srnc-2-0.1,srnc-1-1"]), [])
+    assert main(["--preset", "smoke", *sets, "--out", str(out), "--no-progress"]) == 0
     for name in ("config.json", "metrics.json", "report.md", "psnr_per_frame.png", "psnr_long_sequence.png",
-                 "spectra.png", "none/checkpoint.pt", "srnc/checkpoint.pt", "srnc/log.csv"):
+                 "spectra.png", "none/checkpoint.pt", "srnc-2-0.1/checkpoint.pt", "sn-1/log.csv", "srnc-1-1/log.csv"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["eval"]) == {"none", "srnc"} and metrics["instability"]["srnc"]["frames"] == 12
-    assert len(metrics["average_spectrum"]["srnc"]) == 100
+    assert set(metrics["eval"]) == {"none", "sn-1", "srnc-2-0.1", "srnc-1-1"}
+    assert metrics["instability"]["srnc-2-0.1"]["frames"] == 12 and len(metrics["average_spectrum"]["sn-1"]) == 100
+    assert metrics["asked"]["srnc-2-0.1"] == {"method": "srnc", "alpha": 2.0, "beta": 0.1}
+    saved = checkpoint.load_checkpoint(out / "srnc-2-0.1" / "checkpoint.pt")
+    assert (saved["method"], saved["config"]["alpha"], saved["config"]["beta"]) == ("srnc", 2.0, 0.1)
+    summary = (out / "report.md").read_text().split("\n\n")[1].splitlines()
+    assert [line[:3] for line in summary] == ["1. ", "2. ", "3. "], summary
+    assert "Stability" in summary[0] and "Cost" in summary[1] and "sn-1 (on the reshaped kernel, asked 1)" in summary[2]
 
 
 def test_stage_subcommands(tmp_path):
@@ -158,3 +166,51 @@ def test_eval_burst_by_burst_and_y_channel_options(tmp_path):
         results[len(results)] = json.loads((out / "metrics.json").read_text())["eval"]["none"]["per_frame"]
     assert results[1][:2] == results[0][:2] and results[1][2] != results[0][2]  # frame 2 starts a new burst
     assert results[3] != results[0]
+
+
+def test_warmup_multiplies_the_schedule():
+    from training.train import lr_factor
+
+    config = _config("steps=100", "warmup=10", "schedule=constant")
+    assert [lr_factor(config, s) for s in (0, 4, 9, 50)] == [0.1, 0.5, 1.0, 1.0]
+    cosine = _config("steps=100", "warmup=10", "schedule=cosine")
+    assert lr_factor(cosine, 0) == pytest.approx(0.1) and lr_factor(cosine, 50) == pytest.approx(0.5)
+    step = _config("steps=100", "schedule=step")
+    assert [lr_factor(step, s) for s in (49, 50, 75)] == [1.0, pytest.approx(0.1), pytest.approx(0.01)]
+
+
+@pytest.mark.parametrize("override,match", [("init=xavier", "init"), ("channels=2", "channels"),
+                                            ("static_clips=2", "static_clips"), ("warmup=-1", "warmup"),
+                                            ("depth=1", "depth")])
+def test_new_keys_are_validated(override, match, capsys, tmp_path):
+    assert main(["--set", "model=vdncnn-feat", "--set", override, "--out", str(tmp_path)]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_divergence_raises_with_the_step_and_keeps_weights_finite(tmp_path, monkeypatch):
+    import training.train as train_module
+    from training.train import TrainingDiverged
+
+    original = train_module.make_batch
+
+    def nan_at_3(config, clips, step, *args):
+        inputs, target = original(config, clips, step, *args)
+        return (inputs * float("nan"), target) if step == 3 else (inputs, target)
+
+    monkeypatch.setattr(train_module, "make_batch", nan_at_3)
+    for method in ("none", "srnc"):
+        with pytest.raises(TrainingDiverged) as err:
+            train(_config(), method, tmp_path / method, progress=False)
+        assert err.value.step == 3 and "step 3" in str(err.value)
+        saved = checkpoint.load_checkpoint(tmp_path / method / "checkpoint.pt")
+        assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values()
+                                           if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+
+def test_gray_tiny_model_trains_and_evaluates(tmp_path):
+    out = tmp_path / "run"
+    sets = sum((["--set", s] for s in TINY + ["model=vdncnn-feat", "depth=3", "channels=1", "sigma=20",
+                                              "trf_frames=5", "trf_size=8", "trf_iters=2"]), [])
+    assert main(["--preset", "smoke", *sets, "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["spectra"]["none"]) == 3 and metrics["instability"]["none"]["frames"] == 12

@@ -109,10 +109,18 @@ def render(img, positions, size):
 
 class SyntheticClips(Dataset):
     """``num_clips`` clean clips (frames, channels, size, size) in [0, 1], item i deterministic given
-    (seed, i): a random bundled image, a random camera-shake trajectory, random h/v flips."""
+    (seed, i): a random bundled image, a random camera-shake trajectory, random h/v flips.
 
-    def __init__(self, num_clips, frames=7, size=64, seed=0, channels=3):
+    ``static_prob``: probability that a clip is static (its first frame repeated: a still scene,
+    the risky case of appendices A and H); drawn from a stream of its own, so the moving clips
+    are the same for every ``static_prob``.
+    """
+
+    def __init__(self, num_clips, frames=7, size=64, seed=0, channels=3, static_prob=0.0):
+        if not 0.0 <= static_prob <= 1.0:
+            raise ValueError(f"static_prob must be in [0, 1], got {static_prob!r}")
         self.num_clips, self.frames, self.size, self.seed, self.channels = num_clips, frames, size, seed, channels
+        self.static_prob = static_prob
         self.images = images(channels)
 
     def __len__(self):
@@ -125,6 +133,8 @@ class SyntheticClips(Dataset):
         img = self.images[rng.integers(len(self.images))]
         shake = CameraShake(rng, shake_bound(img, self.size))
         clip = render(img, [shake.step() for _ in range(self.frames)], self.size)
+        if self.static_prob > 0 and np.random.default_rng([self.seed, i, 0x57A]).random() < self.static_prob:
+            clip = clip[:1].expand_as(clip)
         if rng.random() < 0.5:
             clip = clip.flip(-1)
         if rng.random() < 0.5:

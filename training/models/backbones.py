@@ -64,10 +64,15 @@ class VResNet(nn.Module):
         return self.head(features), features
 
 
-def build_backbone(name: str, in_channels: int, out_channels: int, width: int) -> nn.Module:
-    """``VDnCNN`` or ``VResNet`` by name (one of ``BACKBONES``)."""
+def build_backbone(name: str, in_channels: int, out_channels: int, width: int, depth=None) -> nn.Module:
+    """``VDnCNN`` or ``VResNet`` by name (one of ``BACKBONES``). ``depth``: the number of convs of
+    VDnCNN (default 10; 3 is appendix G's tiny model with one internal conv) or of residual blocks
+    of VResNet (default 5); None keeps the paper's."""
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)
+                              or depth < (2 if name == "vdncnn" else 1)):
+        raise ValueError(f"depth must be None or an int >= {2 if name == 'vdncnn' else 1} for {name}, got {depth!r}")
     if name == "vdncnn":
-        return VDnCNN(in_channels, out_channels, width)
+        return VDnCNN(in_channels, out_channels, width, **({} if depth is None else {"depth": depth}))
     if name == "vresnet":
-        return VResNet(in_channels, out_channels, width)
+        return VResNet(in_channels, out_channels, width, **({} if depth is None else {"blocks": depth}))
     raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")

@@ -34,11 +34,12 @@ class VideoModel(nn.Module):
     kind = ""
     recurrent = False
 
-    def __init__(self, backbone: str, *, task: str, width: int, channels: int, dampening: float, extra_in: int):
+    def __init__(self, backbone: str, *, task: str, width: int, channels: int, dampening: float, extra_in: int,
+                 depth=None):
         super().__init__()
         self.task, self.scale, self.width, self.channels = task, TASKS[task], width, channels
         self.name = f"{backbone}-{self.kind}"
-        self.net = build_backbone(backbone, channels + extra_in, channels * self.scale ** 2, width)
+        self.net = build_backbone(backbone, channels + extra_in, channels * self.scale ** 2, width, depth)
         self.dampening = dampening
 
     @property

@@ -23,8 +23,8 @@ from .base import VideoModel
 class SingleFrame(VideoModel):
     kind = "single"
 
-    def __init__(self, backbone: str, *, task: str, width: int, channels: int, dampening: float):
-        super().__init__(backbone, task=task, width=width, channels=channels, dampening=dampening, extra_in=0)
+    def __init__(self, backbone: str, *, task: str, width: int, channels: int, dampening: float, depth=None):
+        super().__init__(backbone, task=task, width=width, channels=channels, dampening=dampening, extra_in=0, depth=depth)
 
     def init_state(self, x_t: Tensor) -> Tuple[()]:
         return ()
@@ -37,9 +37,9 @@ class SingleFrame(VideoModel):
 class MultiFrame(VideoModel):
     kind = "multi"
 
-    def __init__(self, backbone: str, *, task: str, width: int, channels: int, dampening: float):
+    def __init__(self, backbone: str, *, task: str, width: int, channels: int, dampening: float, depth=None):
         super().__init__(backbone, task=task, width=width, channels=channels, dampening=dampening,
-                         extra_in=2 * channels)
+                         extra_in=2 * channels, depth=depth)
 
     def init_state(self, x_t: Tensor) -> Tuple[Tensor, Tensor]:
         return (torch.zeros_like(x_t), torch.zeros_like(x_t))
@@ -53,8 +53,8 @@ class MultiFrame(VideoModel):
 class FeatureShift(VideoModel):
     kind = "shift"
 
-    def __init__(self, backbone: str, *, task: str, width: int, channels: int, dampening: float):
-        super().__init__(backbone, task=task, width=width, channels=channels, dampening=dampening, extra_in=width)
+    def __init__(self, backbone: str, *, task: str, width: int, channels: int, dampening: float, depth=None):
+        super().__init__(backbone, task=task, width=width, channels=channels, dampening=dampening, extra_in=width, depth=depth)
 
     def init_state(self, x_t: Tensor) -> Tensor:
         return self._zeros(x_t, self.width)

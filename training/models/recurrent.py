@@ -24,8 +24,8 @@ from .base import VideoModel
 class FeatRecurrent(VideoModel):
     kind, recurrent = "feat", True
 
-    def __init__(self, backbone: str, *, task: str, width: int, channels: int, dampening: float):
-        super().__init__(backbone, task=task, width=width, channels=channels, dampening=dampening, extra_in=width)
+    def __init__(self, backbone: str, *, task: str, width: int, channels: int, dampening: float, depth=None):
+        super().__init__(backbone, task=task, width=width, channels=channels, dampening=dampening, extra_in=width, depth=depth)
 
     def init_state(self, x_t: Tensor) -> Tensor:
         return self._zeros(x_t, self.width)
@@ -38,10 +38,10 @@ class FeatRecurrent(VideoModel):
 class FrameRecurrent(VideoModel):
     kind, recurrent = "frame", True
 
-    def __init__(self, backbone: str, *, task: str, width: int, channels: int, dampening: float):
+    def __init__(self, backbone: str, *, task: str, width: int, channels: int, dampening: float, depth=None):
         scale = 2 if task == "sr2" else 1
         super().__init__(backbone, task=task, width=width, channels=channels, dampening=dampening,
-                         extra_in=channels * scale * scale)
+                         extra_in=channels * scale * scale, depth=depth)
 
     def init_state(self, x_t: Tensor) -> Tensor:
         return self._zeros(x_t, self.channels, self.scale)
@@ -58,9 +58,9 @@ class FrameRecurrent(VideoModel):
 class RLSPRecurrent(VideoModel):
     kind, recurrent = "rlsp", True
 
-    def __init__(self, backbone: str, *, task: str, width: int, channels: int, dampening: float, state_channels: int):
+    def __init__(self, backbone: str, *, task: str, width: int, channels: int, dampening: float, state_channels: int, depth=None):
         super().__init__(backbone, task=task, width=width, channels=channels, dampening=dampening,
-                         extra_in=state_channels)
+                         extra_in=state_channels, depth=depth)
         self.state_channels = state_channels
         self.latent_head = conv3x3(width, state_channels)
 
