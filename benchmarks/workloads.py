@@ -11,7 +11,9 @@ frames, square crops. Variants of its convolutions:
   per frame of the unroll, per-layer, with ``srnc_ext.reference``;
 * ``srnc-<backend>``: ``SRNCConv2d`` (batched once-per-step refresh) with that backend, at the
   paper's soft setting alpha = 2, beta = 0.1 (projected variant: two power iterations);
-  ``srnc-<backend>-beta1``: the hard setting alpha = 1, beta = 1 (one power iteration).
+  ``srnc-<backend>-beta1``: the hard setting alpha = 1, beta = 1 (one power iteration);
+  ``srnc-<backend>-nocache``: alpha = 2, beta = 0.1 with the effective weight recomputed on every
+  forward (T times per step) instead of reused while provably unchanged: what the cache saves.
 """
 from __future__ import annotations
 
@@ -87,9 +89,13 @@ def build(kind: str, width: int, size: int, device="cpu", seed: int = 0) -> nn.M
         for conv in convs:
             parametrize.register_parametrization(conv, "weight", PerCallSRNC(conv, size).to(device))
     elif kind.startswith("srnc-"):
-        backend, _, hard = kind[len("srnc-"):].partition("-")
-        alpha, beta = (1.0, 1.0) if hard == "beta1" else (ALPHA, BETA)
+        backend, _, option = kind[len("srnc-"):].partition("-")
+        alpha, beta = (1.0, 1.0) if option == "beta1" else (ALPHA, BETA)
         srnc_ext.convert(model, alpha=alpha, beta=beta, input_size=size, backend=backend)
+        if option == "nocache":
+            for layer in model.modules():
+                if isinstance(layer, srnc_ext.SRNCConv2d):
+                    layer._cache_weight = False
     else:
         raise ValueError(f"unknown kind {kind!r}")
     return model
@@ -101,7 +107,7 @@ def available_srnc_kinds(device: str) -> list:
         kinds.insert(0, "srnc-cuda" if device.startswith("cuda") else "srnc-cpu")
     if srnc_ext.backends.triton_available(torch.device(device).type) and device.startswith("cuda"):
         kinds.append("srnc-triton")
-    return kinds + [kinds[0] + "-beta1"]
+    return kinds + [kinds[0] + "-beta1", kinds[0] + "-nocache"]
 
 
 def make_step(model: nn.Module, batch: int, frames: int, size: int, device="cpu"):

@@ -73,7 +73,7 @@ def triton_available(device_type: str) -> bool:
     return device_type == "cuda" or os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 
 
-_REFERENCE = SimpleNamespace(
+REFERENCE = SimpleNamespace(
     name="reference",
     normalize_segments=reweight_ref.normalize_segments,
     reweight_forward=reweight_ref.reweight_forward,
@@ -112,14 +112,18 @@ def resolve(name: Optional[str], device: torch.device) -> str:
     return "reference"
 
 
+_RESOLVED: dict = {}  # (name, global choice, device type) -> op namespace; resolution runs per forward
+
+
 def ops(name: Optional[str], device: torch.device):
     """The op namespace (``normalize_segments``, ``reweight_forward``) for ``name`` on ``device``."""
-    impl = resolve(name, device)
-    if impl == "compiled":
-        return _compiled()
-    if impl == "triton":
-        return _triton()
-    return _REFERENCE
+    key = (name, get_backend() if name is None else None, torch.device(device).type)
+    namespace = _RESOLVED.get(key)
+    if namespace is None:
+        impl = resolve(name, device)
+        namespace = _compiled() if impl == "compiled" else _triton() if impl == "triton" else REFERENCE
+        _RESOLVED[key] = namespace
+    return namespace
 
 
 _warned = False

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import warnings
 import weakref
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional
@@ -30,6 +32,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .ops import VARIANT_PROJECTED, prepare_constants
 from .operator import ConvGeometry, is_channels_last
+from .power_iteration import PowerIterationState, normal_tensors
 from .precision import no_autocast
 
 _LAYERS: "weakref.WeakSet" = weakref.WeakSet()
@@ -37,6 +40,7 @@ _LAYERS: "weakref.WeakSet" = weakref.WeakSet()
 # from its last refresh, reused while every layer's buffer is that same, unmodified tensor.
 _STACKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 BATCHED = True  # False: one group per layer (the per-layer path; for tests and benchmarks)
+DEFAULT_MAX_ITERATIONS = 1000  # the most steps of a refresh with a tolerance and no iteration count
 
 
 def vector_format(device) -> torch.memory_format:
@@ -65,19 +69,18 @@ def stacked(geometry: ConvGeometry, n_layers: int) -> ConvGeometry:
 
 
 def _layers_of(model_or_layers) -> List[nn.Module]:
-    from .module import SRNCConv2d
-
-    if isinstance(model_or_layers, nn.Module):
-        return [m for m in model_or_layers.modules() if isinstance(m, SRNCConv2d)]
-    return [m for m in model_or_layers if isinstance(m, SRNCConv2d)]
+    """The SRN-C layers of a model (or of an iterable of modules): those with a power-iteration state."""
+    modules = model_or_layers.modules() if isinstance(model_or_layers, nn.Module) else model_or_layers
+    return [m for m in modules if isinstance(getattr(m, "power_iteration", None), PowerIterationState)]
 
 
-def refresh(model_or_layers, n_iterations: Optional[int] = None) -> int:
+def refresh(model_or_layers, n_iterations: Optional[int] = None, *, tol: Optional[float] = None) -> int:
     """Refresh every materialized SRN-C layer of a model (or an iterable of layers), batched by
-    signature; ``n_iterations`` defaults to each layer's ``n_power_iterations``. Returns the
-    number of layers refreshed."""
+    signature; ``n_iterations`` defaults to each layer's ``n_power_iterations`` (with ``tol``: the
+    most steps, default 1000, until every layer's residual is at most ``tol``). Returns the number
+    of layers refreshed."""
     layers = [m for m in _layers_of(model_or_layers) if m.materialized]
-    refresh_layers(layers, n_iterations)
+    refresh_layers(layers, n_iterations, tol=tol)
     return len(layers)
 
 
@@ -90,31 +93,47 @@ def mark_fresh(model_or_layers) -> int:
     """
     layers = [m for m in _layers_of(model_or_layers) if m.materialized]
     for layer in layers:
-        layer._refreshed_at = layer._weight_key()
+        layer.power_iteration.mark_fresh(layer.weight)
     return len(layers)
 
 
-def refresh_layers(layers: Iterable[nn.Module], n_iterations: Optional[int] = None, mark_refreshed: bool = True) -> None:
-    """Refresh ``layers`` (materialized), one batched refresh per signature."""
+def _check_refresh_arguments(n_iterations, tol) -> None:
+    if n_iterations is not None and (isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1):
+        raise ValueError(f"n_iterations must be an int >= 1, got {n_iterations!r}")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf):
+        raise ValueError(f"tol must be None or a finite number > 0, got {tol!r}")
+
+
+def refresh_layers(layers: Iterable[nn.Module], n_iterations: Optional[int] = None, mark_refreshed: bool = True,
+                   *, tol: Optional[float] = None) -> None:
+    """Refresh ``layers`` (materialized), one batched refresh per signature. Layers on the meta
+    device hold no values and are skipped."""
+    _check_refresh_arguments(n_iterations, tol)
     groups: Dict[tuple, list] = defaultdict(list)
     for layer in layers:
-        n = layer.n_power_iterations if n_iterations is None else n_iterations
+        if layer.weight.is_meta:
+            continue
+        n = n_iterations or (DEFAULT_MAX_ITERATIONS if tol is not None else layer.n_power_iterations)
         groups[(layer.signature() if BATCHED else id(layer), n)].append(layer)
-    for (_, n), members in groups.items():
-        _refresh_group(members, n, mark_refreshed)
+    with normal_tensors():  # buffers refreshed inside inference mode stay usable outside it
+        for (_, n), members in groups.items():
+            _refresh_group(members, n, mark_refreshed, tol)
 
 
 @torch.no_grad()
-def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: bool = True) -> None:
+def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: bool = True,
+                   tol: Optional[float] = None) -> None:
     """One batched refresh; buffers of the layers change only if all of it succeeds."""
     first, n = layers[0], len(layers)
     geometry, eps, code = first.geometry, first.eps, first.variant_code
     taps = geometry.kernel_size[0] * geometry.kernel_size[1]
     weights = [m.weight for m in layers]
-    ops = first._op_impl
+    states = [m.power_iteration for m in layers]
+    ops = first.ops
     group = stacked(geometry, n)
+    gram, gram_pinv = first._buffers["_gram"], first._buffers["_gram_pinv"]
     with no_autocast(first.weight):
-        kernel = torch.cat([w.detach().to(first._vector_dtype()) for w in weights])  # (L*C_out, C_in/g, kh, kw)
+        kernel = torch.cat([w.detach().to(first.compute_dtype) for w in weights])  # (L*C_out, C_in/g, kh, kw)
         # a sum is finite iff every entry is (up to overflow, which the exact check sorts out): one cheap pass
         if not bool(torch.isfinite(kernel.sum())) and not bool(torch.isfinite(kernel).all()):
             bad = [i for i, w in enumerate(weights) if not bool(torch.isfinite(w).all())]
@@ -122,45 +141,67 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
                              "the power-iteration vectors were not updated")
         fmt = vector_format(kernel.device)
         cached = _STACKS.get(first, {})
-        u, v = _power_iteration(ops, group, kernel, _stack(layers, "u", fmt, cached),
-                                _stack(layers, "v", fmt, cached), n_iterations, n, eps)
+        u, v, residual = _power_iteration(ops, group, kernel, _stack(states, "u", fmt, cached),
+                                          _stack(states, "v", fmt, cached), n_iterations, n, eps, tol)
         s1 = group.kernel_grad(v, u).reshape(n, -1, taps)
         new = {"u": u, "v": v}
         s1_out, direction = s1, None
         if code == VARIANT_PROJECTED:
             # With S1 standing in for S1_out the op returns alpha K_rw / (<K,S1>/(<K,S1>+eps) + eps),
             # a positive multiple of K_rw: all the second power iteration needs.
-            direction, consts = prepare_constants(s1, s1, first._gram_pinv, code)
-            scaled, _ = ops.reweight_forward(kernel.reshape(n, -1, taps), s1, direction, s1, first._gram, consts,
-                                             *first.op_scalars())
-            u_out, v_out = _power_iteration(ops, group, scaled.reshape(kernel.shape), _stack(layers, "u_out", fmt, cached),
-                                            _stack(layers, "v_out", fmt, cached), n_iterations, n, eps)
+            direction, consts = prepare_constants(s1, s1, gram_pinv, code)
+            scaled, stats = ops.reweight_forward(kernel.reshape(n, -1, taps), s1, direction, s1, gram, consts,
+                                                 *first.op_scalars())
+            if not all(state.floor_warned for state in states):
+                _check_floor(layers, stats[:, 0], consts[:, 0], eps, first.op_scalars()[1])
+            u_out, v_out, residual_out = _power_iteration(
+                ops, group, scaled.reshape(kernel.shape), _stack(states, "u_out", fmt, cached),
+                _stack(states, "v_out", fmt, cached), n_iterations, n, eps, tol)
             s1_out = group.kernel_grad(v_out, u_out).reshape(n, -1, taps)
             new.update(u_out=u_out, v_out=v_out)
-        direction, consts = prepare_constants(s1, s1_out, first._gram_pinv, code, direction)
+            residual = torch.stack([residual, residual_out], 1)
+        else:
+            residual = residual[:, None]
+        direction, consts = prepare_constants(s1, s1_out, gram_pinv, code, direction)
     chunks = {name: value.chunk(n, 1) for name, value in new.items()}
-    pairs = [pair for i, layer in enumerate(layers) for pair in layer._commit_pairs(
+    pairs = [pair for i, state in enumerate(states) for pair in state.commit_pairs(
         {name: chunk[i] for name, chunk in chunks.items()}, s1[i : i + 1], direction[i : i + 1],
         s1_out[i : i + 1], consts[i : i + 1])]
     torch._foreach_copy_([buffer for buffer, _ in pairs], [value for _, value in pairs])  # one call, not 6 L
-    for layer in layers:
-        layer._committed(mark_refreshed)
-    _STACKS[first] = {name: (_buffer_keys(layers, name), value) for name, value in new.items()}
+    for i, (layer, state) in enumerate(zip(layers, states)):
+        state.committed(layer.weight if mark_refreshed else None, residual[i])
+    _STACKS[first] = {name: (_buffer_keys(states, name), value) for name, value in new.items()}
+    if tol is not None and bool((residual > tol).any()):
+        warnings.warn(f"refresh: the power-iteration residual is {float(residual.max()):.3g} > tol={tol} after "
+                      f"{n_iterations} iterations (a slowly converging top of the spectrum, or a tol below the "
+                      f"precision of {first.compute_dtype}); pass more iterations", RuntimeWarning, stacklevel=4)
 
 
-def _buffer_keys(layers, name: str) -> tuple:
+def _check_floor(layers, s: torch.Tensor, c0: torch.Tensor, eps: float, beta_rank: float) -> None:
+    """Warn for the layers whose target stable rank ``beta_rank`` is at or below the reweighting's
+    floor ``||W(S1 part of K~)||_F^2 = s^2 / ((s + eps)^2 <S1, D>)`` (the op's ``top``), where gamma
+    underflows (``srnc_ext.ops.coefficients``)."""
+    floor = s * s / ((s + eps) ** 2 * c0.clamp_min(torch.finfo(s.dtype).tiny))
+    hit = floor >= beta_rank
+    if bool(hit.any()):
+        for layer, flagged, value in zip(layers, hit.tolist(), floor.tolist()):
+            if flagged:
+                layer.warn_floor(value)
+
+
+def _buffer_keys(states, name: str) -> tuple:
     """Each layer's ``name`` buffer with its version counter (any write or replacement changes this)."""
-    return tuple((buffer, buffer._version) for buffer in (layer._buffers[name] for layer in layers))
+    return tuple((buffer, buffer._version) for buffer in (state.vector(name) for state in states))
 
 
-def _stack(layers, name: str, fmt: torch.memory_format, cached: dict) -> torch.Tensor:
+def _stack(states, name: str, fmt: torch.memory_format, cached: dict) -> torch.Tensor:
     """``(1, L*C, H, W)``: the layers' ``(1, C, H, W)`` ``name`` vectors side by side, in ``fmt``.
 
     The group's last refresh result when the buffers still hold exactly it (saves a copy of all
     vectors per refresh); the stacked copy is never written to.
     """
     keys, stacked = cached.get(name, ((), None))
-    current = [layer._buffers[name] for layer in layers]
+    current = [state.vector(name) for state in states]
     if (stacked is not None and stacked.is_contiguous(memory_format=fmt) and len(keys) == len(current)
             and all(b is buffer and version == buffer._version for (b, version), buffer in zip(keys, current))):
         return stacked
@@ -179,17 +220,43 @@ def _normalized(ops, x: torch.Tensor, fallback: torch.Tensor, n_layers: int, eps
     return ops.normalize_segments(x.reshape(n_layers, -1), fallback.reshape(n_layers, -1), eps).reshape(x.shape)
 
 
-def _power_iteration(ops, group, kernel, u, v, n_iterations, n_layers, eps):
-    for _ in range(n_iterations):
-        v = _normalized(ops, group.adjoint(kernel, u), v, n_layers, eps)
-        u = _normalized(ops, group.apply(kernel, v), u, n_layers, eps)
-    return u, v
+def _segment_norms(x: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """``(L,)``: the norm of each layer's block of ``x (1, L*C, H, W)``."""
+    if is_channels_last(x):
+        _, c, h, w = x.shape
+        return torch.linalg.vector_norm(x.permute(0, 2, 3, 1).reshape(h * w, n_layers, c // n_layers), dim=(0, 2))
+    return torch.linalg.vector_norm(x.reshape(n_layers, -1), dim=1)
+
+
+def _residual(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, n_layers: int, eps: float) -> torch.Tensor:
+    """``(L,)``: ``||W v - sigma u|| / sigma`` for ``x = W^T u``, ``v = x / sigma``, ``sigma = ||x||``,
+    ``y = W v``: the residual of the singular triplet ``(sigma, u, v)`` (its other half,
+    ``W^T u - sigma v``, is 0 by construction), 0 for a zero operator."""
+    sigma = _segment_norms(x, n_layers)
+    scale = sigma.repeat_interleave(y.shape[1] // n_layers).reshape(1, -1, 1, 1)
+    miss = _segment_norms(y - scale * u, n_layers)
+    return torch.where(sigma > eps, miss / sigma.clamp_min(eps), torch.zeros_like(sigma))
+
+
+def _power_iteration(ops, group, kernel, u, v, n_iterations, n_layers, eps, tol=None):
+    """``n_iterations`` steps (fewer when every layer's residual reaches ``tol``): ``(u, v, residual)``."""
+    residual = None
+    for step in range(n_iterations):
+        x = group.adjoint(kernel, u)
+        v = _normalized(ops, x, v, n_layers, eps)
+        y = group.apply(kernel, v)
+        if tol is not None or step == n_iterations - 1:
+            residual = _residual(x, y, u, n_layers, eps)
+        u = _normalized(ops, y, u, n_layers, eps)
+        if tol is not None and bool((residual <= tol).all()):
+            break
+    return u, v, residual
 
 
 def _optimizer_step_post_hook(optimizer, args, kwargs) -> None:
     if not _LAYERS:
         return
-    by_weight = {id(m.weight): m for m in list(_LAYERS)}
+    by_weight = {id(m.weight): m for m in list(_LAYERS)}  # ids of live parameters held by the optimizer
     # in the optimizer's parameter order: the grouping (and its float rounding) is reproducible
     held = [by_weight.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
     stale = [m for m in held if m is not None and m.training and m.materialized and m.is_stale()]

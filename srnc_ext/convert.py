@@ -78,6 +78,7 @@ def convert(
         layer = SRNCConv2d(**_conv_config(module), device="meta", dtype=module.weight.dtype, alpha=alpha, beta=beta, **options)
         layer.weight = module.weight
         layer.bias = module.bias
+        layer.srnc_name = name or None
         if input_size is not None:
             layer.set_input_size(input_size)
         return layer

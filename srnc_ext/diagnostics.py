@@ -33,6 +33,7 @@ non-finite output) counts an instability and resets the state.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional
@@ -46,9 +47,10 @@ _PROTOCOL = "model.step(x_t, state) -> (y_t, state), with state=None the zero st
 
 
 class _Recurrent(nn.Module):
-    def __init__(self, fn: Callable, min_size: Optional[int] = None):
+    def __init__(self, fn: Callable, min_size: Optional[int] = None, module: Optional[nn.Module] = None):
         super().__init__()
         self.fn = fn
+        self.module = module  # registered: the diagnostics see (and restore) its parameters and modes
         if min_size is not None:
             self.min_size = min_size
 
@@ -56,11 +58,41 @@ class _Recurrent(nn.Module):
         return self.fn(x_t, state)
 
 
-def as_recurrent(fn: Callable, *, min_size: Optional[int] = None) -> nn.Module:
-    """Wrap ``fn(x_t, state) -> (y_t, state)`` into a module with ``.step`` (and eval/train)."""
+def as_recurrent(fn: Callable, *, min_size: Optional[int] = None, module: Optional[nn.Module] = None) -> nn.Module:
+    """Wrap ``fn(x_t, state) -> (y_t, state)`` into a module with ``.step`` (and eval/train).
+
+    ``module``: the model ``fn`` runs (e.g. a closure over a network's forward branch). Pass it, so
+    that the diagnostics put it in eval mode, freeze its parameters while they run, and restore
+    its modes and ``requires_grad`` flags afterwards; a closure alone hides them.
+    """
     if not callable(fn):
         raise TypeError(f"as_recurrent needs a callable fn(x_t, state) -> (y_t, state), got {type(fn).__name__}")
-    return _Recurrent(fn, min_size)
+    if module is not None and not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module or None, got {type(module).__name__}")
+    return _Recurrent(fn, min_size, module)
+
+
+@contextlib.contextmanager
+def _as_found(model):
+    """Run a diagnostic on ``model`` in eval mode with frozen parameters, then restore every
+    submodule's mode and every parameter's ``requires_grad`` (so no ``.grad`` appears)."""
+    params = list(model.parameters()) if callable(getattr(model, "parameters", None)) else []
+    flags = [p.requires_grad for p in params]
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    plain_mode = None if modes else getattr(model, "training", None)
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        if callable(getattr(model, "eval", None)):
+            model.eval()
+        yield params
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+        if plain_mode is not None and callable(getattr(model, "train", None)):
+            model.train(plain_mode)
 
 
 @dataclass
@@ -175,18 +207,10 @@ def trf(model, *, frames: int = 81, size: int = 64, channels: int = 3, iters: in
     settings = dict(frames=frames, size=size, channels=channels, iters=iters, lr=lr, seed=seed,
                     threshold=threshold, growth_factor=growth_factor, max_decay_rate=max_decay_rate)
 
-    params = list(model.parameters()) if callable(getattr(model, "parameters", None)) else []
-    if device is None:
-        device = params[0].device if params else torch.device("cpu")
-    dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
-    flags = [p.requires_grad for p in params]
-    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
-    plain_mode = None if modes else getattr(model, "training", None)
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        if callable(getattr(model, "eval", None)):
-            model.eval()
+    with _as_found(model) as params:
+        if device is None:
+            device = params[0].device if params else torch.device("cpu")
+        dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
         gen = torch.Generator().manual_seed(seed)
         X = torch.rand(frames, channels, size, size, generator=gen, dtype=dtype).to(device).requires_grad_(True)
         X_initial = X.detach().cpu().clone()
@@ -230,13 +254,6 @@ def trf(model, *, frames: int = 81, size: int = 64, channels: int = 3, iters: in
         if nonfinite_at is None and bad_full is not None:
             nonfinite_at = dict(iteration=len(p_history), frame=bad_full)
         Y = torch.cat([y.detach() for y in ys]).cpu()
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
-        if plain_mode is not None and callable(getattr(model, "train", None)):
-            model.train(plain_mode)
 
     if Y.shape[0] == frames and bool(torch.isfinite(Y).all()):
         rms = Y.double().flatten(1).square().mean(1).sqrt()
@@ -274,23 +291,24 @@ def instability_onsets(model, frames: Iterable[torch.Tensor], degrade: Callable[
     the raw (unclamped) output is below 0 or the output is not finite, count an instability and
     reset the state. Returns the count, the onsets (frames since the last reset), their 1st and
     9th deciles (``inf`` when none) and, if ``record``, the PSNR of every frame (clamped output).
+    The model runs in eval mode and is left in the modes it had.
     """
     if device is None:
         device = "cpu"
-    model.eval()
     state, since_reset, onsets, trace, n = None, 0, [], [], 0
-    for clean in frames:
-        degraded, target = degrade(clean[None])
-        out, state = model.step(degraded.to(device), state)
-        out = out.cpu()
-        since_reset += 1
-        n += 1
-        raw = _psnr(out, target)[0].item() if torch.isfinite(out).all() else -math.inf
-        if record:
-            trace.append(_psnr(torch.nan_to_num(out, 0.0, 1.0, 0.0).clamp(0, 1), target)[0].item())
-        if not raw >= 0:
-            onsets.append(since_reset)
-            state, since_reset = None, 0
+    with _as_found(model):
+        for clean in frames:
+            degraded, target = degrade(clean[None])
+            out, state = model.step(degraded.to(device), state)
+            out = out.cpu()
+            since_reset += 1
+            n += 1
+            raw = _psnr(out, target)[0].item() if torch.isfinite(out).all() else -math.inf
+            if record:
+                trace.append(_psnr(torch.nan_to_num(out, 0.0, 1.0, 0.0).clamp(0, 1), target)[0].item())
+            if not raw >= 0:
+                onsets.append(since_reset)
+                state, since_reset = None, 0
     return {"frames": n, "instabilities": len(onsets), "onsets": onsets,
             "onset_decile_1": _decile(onsets, 0.1), "onset_decile_9": _decile(onsets, 0.9),
             "psnr_trace": trace}

@@ -1,48 +1,51 @@
 """``SRNCConv2d``: a drop-in ``nn.Conv2d`` whose true operator has spectral norm ``alpha``.
 
-Lifecycle of the normalization state:
+Contract: the forward's weight is always ``f(current weight, current vectors)``, where ``f`` is
+the differentiable SRN-C reweighting and the vectors are the layer's power-iteration state
+(``power_iteration.py``). Nothing that changes the raw weight -- an optimizer step, a ``.data``
+edit (EMA updates), ``copy_``, ``load_state_dict``, ``functional_call``, ``to_empty`` -- can leave
+the output on an older weight, in train or eval, with or without grad.
 
-* The power-iteration vectors are buffers (``u``, ``v``; the projected variant adds
-  ``u_out``, ``v_out`` for the renormalization) shaped by ``input_size``. They are created
-  ("materialized") when ``input_size`` is known: at construction if it is given, else from the
-  first input seen. Materializing draws random unit vectors and runs ``WARMUP_ITERATIONS``
-  power iterations on the current weight, as ``torch.nn.utils.spectral_norm`` does.
-* Refresh (``refresh()``): ``n_power_iterations`` steps of each power iteration plus one
-  weight-gradient convolution, without gradient, batched over all layers of the same
-  signature (``srnc_ext.refresh``). In training mode it runs automatically right after each
-  ``optimizer.step()`` that updates the weight, and otherwise (eager mode) on the first forward
-  after the weight changed (its version counter moved: ``load_state_dict``, any in-place edit),
-  so a T-frame recurrent unroll or several gradient-accumulation micro-batches advance the
-  iteration once per optimizer step. Under ``torch.compile`` only the optimizer hook runs, so
-  compiled forwards contain no refresh (give ``input_size`` so nothing materializes inside).
-* Every forward recomputes the effective weight from the raw weight and the refreshed
-  rank-one kernels: the differentiable part of SRN-C is elementwise work on the kernel, so
-  each forward builds its own small graph and gradients accumulate exactly as if the
-  reference were applied once with the same vectors.
+* The vectors are buffers (``u``, ``v``; the projected variant adds ``u_out``, ``v_out``) shaped by
+  ``input_size``. They are made ("materialized") when ``input_size`` is known: at construction if
+  it is given, else from the first input seen; then ``max(WARMUP_ITERATIONS, n_power_iterations)``
+  power iterations run on the current weight. On the meta device they are allocated, not filled.
+* Refresh: ``n_power_iterations`` steps of each power iteration plus one weight-gradient
+  convolution, without gradient, batched over all layers of the same signature. In training
+  mode it runs right after each ``optimizer.step()`` that updates the weight, and otherwise
+  (eager mode) on the first forward after the weight changed (another tensor, or its version
+  counter moved), so a T-frame recurrent unroll or several gradient-accumulation micro-batches
+  advance the iteration once per optimizer step. Never under ``torch.compile``, ``torch.func``
+  transforms or ``torch.jit.trace`` (give ``input_size`` so nothing materializes there), never in
+  eval mode.
+* The effective weight of one forward is reused by the next forwards (all frames of an unroll,
+  all micro-batches: one autograd node per step) only while that is provably the same value:
+  the same weight tensor at the same version holding the same values (``torch.equal`` against a
+  copy, which ``.data`` edits cannot bypass) and the same vectors and settings. That check is
+  cheap on the CPU only; on other devices every forward recomputes the weight (no host sync).
 * Eval mode never refreshes: the output equals the last training-mode output for the same
   weights, and a fresh layer that loads the state_dict gives the identical output.
 """
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import backends, batched_refresh as _refresh
-from .ops import VARIANT_PROJECTED, prepare_constants, variant_code
+from .ops import VARIANT_PROJECTED, prepare_constants, reweight_ref, variant_code
 from .operator import ConvGeometry, pair
+from .power_iteration import (FRESH_NAME, GRAM_NAMES, SAVED_CONSTANT_NAMES, VECTOR_NAMES, PowerIterationState,
+                              normal_tensors, version_of)
 from .precision import compute_dtype, no_autocast
 from .reference import VARIANTS
 
 WARMUP_ITERATIONS = 15
-_VECTOR_NAMES = ("u", "v", "u_out", "v_out")
-# Derived from the vectors: the rank-one kernels and the ops' constants. They are saved too, so a
-# loaded layer computes bit for bit what the saved one did (a batched refresh and a per-layer
-# recomputation differ in float rounding); the Gram matrices depend on the geometry only.
-_SAVED_CONSTANT_NAMES = ("_s1", "_direction", "_s1_out", "_consts")
-_CONSTANT_NAMES = (*_SAVED_CONSTANT_NAMES, "_gram", "_gram_pinv")
+_LEGACY_EXTRA_STATE = "_extra_state"  # srnc_ext 0.1.0 saved {"input_size", "variant", "fresh"} there
 
 
 def _check_float_dtype(dtype: Optional[torch.dtype]) -> None:
@@ -56,6 +59,24 @@ def _check_positive_finite(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def _check_iterations(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _functorch_active() -> bool:
+    """Inside a ``torch.func`` transform (grad, vjp, jvp, vmap, functionalize)."""
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # a torch without functorch's interpreter stack
+        return False
+
+
+def _functional_mode() -> bool:
+    """Where the layer must be a pure function of its tensors: no refresh, no cache."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_active()
 
 
 class SRNCConv2d(nn.Conv2d):
@@ -80,6 +101,8 @@ class SRNCConv2d(nn.Conv2d):
             (Algorithm 2 literally; see docs/variants.md).
         backend: ``None`` (the global choice, see ``srnc_ext.set_backend``), ``"auto"``,
             ``"cuda"``, ``"cpu"``, ``"triton"`` or ``"reference"``.
+
+    ``srnc_name`` (set by ``convert`` to the qualified name) names the layer in warnings.
     """
 
     def __init__(
@@ -108,8 +131,7 @@ class SRNCConv2d(nn.Conv2d):
         alpha = _check_positive_finite("alpha", alpha)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0.0 < beta <= 1.0):
             raise ValueError(f"beta must be in (0, 1], got {beta!r}")
-        if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 1:
-            raise ValueError(f"n_power_iterations must be an int >= 1, got {n_power_iterations!r}")
+        _check_iterations("n_power_iterations", n_power_iterations)
         eps = _check_positive_finite("eps", eps)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -122,25 +144,22 @@ class SRNCConv2d(nn.Conv2d):
         self.n_power_iterations = n_power_iterations
         self.eps = eps
         self.variant = variant
+        self.srnc_name: Optional[str] = None
         self._backend = backend
         self._geometry: Optional[ConvGeometry] = None
-        self._refreshed_at: Optional[Tuple[int, int]] = None
-        self._state_version = 0  # bumped whenever vectors/constants change: invalidates _weight_cache
-        self._weight_cache = None
-        for name in self._vector_names:
+        self._weight_cache: Optional[_WeightCache] = None
+        self._cache_weight = True  # False: recompute the effective weight on every forward (benchmarks)
+        self.power_iteration = PowerIterationState(self._buffers, projected=variant == "projected")
+        for name in (*self.power_iteration.vector_names, *SAVED_CONSTANT_NAMES):
             self.register_buffer(name, None)
-        for name in _CONSTANT_NAMES:
-            self.register_buffer(name, None, persistent=name in _SAVED_CONSTANT_NAMES)
-        self._resolve_ops()
+        for name in GRAM_NAMES:
+            self.register_buffer(name, None, persistent=False)
+        backends.resolve(backend, self.weight.device)  # an explicit backend that cannot run says so now
         _refresh.register(self)
         if input_size is not None:
             self.set_input_size(input_size)
 
     # ------------------------------------------------------------------ configuration
-    @property
-    def _vector_names(self) -> Tuple[str, ...]:
-        return _VECTOR_NAMES if self.variant == "projected" else _VECTOR_NAMES[:2]
-
     @property
     def input_size(self) -> Optional[Tuple[int, int]]:
         """The (h, w) the operator acts on, or None until known."""
@@ -153,7 +172,7 @@ class SRNCConv2d(nn.Conv2d):
 
     @property
     def materialized(self) -> bool:
-        return self._geometry is not None and self.u is not None
+        return self._geometry is not None and self.power_iteration.allocated
 
     @property
     def backend(self) -> Optional[str]:
@@ -161,8 +180,21 @@ class SRNCConv2d(nn.Conv2d):
 
     @backend.setter
     def backend(self, name: Optional[str]) -> None:
-        self._backend = backends.check_backend(name)
-        self._resolve_ops()
+        backends.resolve(backends.check_backend(name), self.weight.device)
+        self._backend = name
+
+    @property
+    def ops(self):
+        """The op namespace of the backend for the weight's current device (resolved on each use,
+        so a layer built on the meta device and moved later gets the compiled ops)."""
+        return backends.ops(self._backend, self.weight.device)
+
+    _op_impl = ops  # the name this attribute had in srnc_ext 0.1.0
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the vectors and of the normalization (float64 for float64 weights, else float32)."""
+        return compute_dtype(self.weight.dtype)
 
     @property
     def variant_code(self) -> int:
@@ -175,138 +207,137 @@ class SRNCConv2d(nn.Conv2d):
 
     def signature(self) -> tuple:
         """Layers with equal signatures are refreshed together as one grouped convolution."""
-        return (self._geometry, self.variant_code, self.beta, self.eps, self._vector_dtype(),
-                self.weight.device, id(self._op_impl))
-
-    def _resolve_ops(self) -> None:
-        self._op_impl = backends.ops(self._backend, self.weight.device)
-
-    def _vector_dtype(self) -> torch.dtype:
-        return compute_dtype(self.weight.dtype)
-
-    def _weight_key(self) -> Tuple[int, int]:
-        return (id(self.weight), self.weight._version)
+        return (self._geometry, self.variant_code, self.beta, self.eps, self.compute_dtype,
+                self.weight.device, id(self.ops))
 
     def is_stale(self) -> bool:
-        """True when the weight changed since the last refresh."""
-        return self._refreshed_at != self._weight_key()
+        """True when the weight changed (another tensor, or written in place) since the last refresh."""
+        return self.power_iteration.is_stale(self.weight)
+
+    @property
+    def residual(self) -> Optional[float]:
+        """Convergence of the last refresh: ``||W v - sigma u|| / sigma`` of its last power-iteration
+        step (the larger of the two iterations for the projected variant), None before any refresh."""
+        residual = self.power_iteration.residual
+        return None if residual is None else float(residual.max())
 
     # ------------------------------------------------------------------ state
     def set_input_size(self, input_size) -> None:
         """Set the feature-map size (int or (h, w)) and start a fresh warmed-up power iteration."""
-        geometry = ConvGeometry.from_conv(self, pair(input_size, "input_size"))  # validates first
-        self._geometry = geometry
-        self._resolve_ops()  # the weight may have moved since construction (convert swaps it in)
+        self._geometry = ConvGeometry.from_conv(self, pair(input_size, "input_size"))  # validates first
         self.reset_power_iteration()
 
     def _allocate(self, geometry: ConvGeometry) -> None:
-        """Buffers for ``geometry``: random unit vectors and derived constants (zeros)."""
-        dtype, device = self._vector_dtype(), self.weight.device
-        for name in self._vector_names:
-            shape = geometry.output_shape() if name.startswith("u") else geometry.input_shape()
-            x = torch.randn(shape, dtype=dtype, device=device)
-            x = x / torch.linalg.vector_norm(x).clamp_min(self.eps)
-            self._buffers[name] = x.contiguous(memory_format=_refresh.vector_format(device))
-        taps = geometry.kernel_size[0] * geometry.kernel_size[1]
-        slices = geometry.out_channels * geometry.in_channels // geometry.groups
-        for name in ("_s1", "_direction", "_s1_out"):
-            self._buffers[name] = torch.zeros(1, slices, taps, dtype=dtype, device=device)
-        self._buffers["_consts"] = torch.zeros(1, 2, dtype=dtype, device=device)
-        self._buffers["_gram"] = geometry.kernel_gram(dtype, device)
-        self._buffers["_gram_pinv"] = geometry.kernel_gram_pinv(dtype, device)
+        device = self.weight.device
+        self.power_iteration.allocate(geometry, self.compute_dtype, device, _refresh.vector_format(device), self.eps)
+        self._weight_cache = None
 
     @torch.no_grad()
-    def reset_power_iteration(self, n_iterations: int = WARMUP_ITERATIONS) -> None:
-        """Draw new random vectors and run ``n_iterations`` power iterations on the current weight.
+    def reset_power_iteration(self, n_iterations: Optional[int] = None) -> None:
+        """Draw new random vectors and run ``n_iterations`` power iterations on the current weight
+        (default ``max(WARMUP_ITERATIONS, n_power_iterations)``; none on the meta device).
 
-        Call it after replacing the weight wholesale (``convert`` does). Requires ``input_size``.
+        Call it after replacing the weight wholesale. Requires ``input_size``.
         """
         if self._geometry is None:
             raise RuntimeError("input_size is unknown: pass input_size= or run a forward first")
+        if n_iterations is None:
+            n_iterations = max(WARMUP_ITERATIONS, self.n_power_iterations)
+        _check_iterations("n_iterations", n_iterations)
         self._allocate(self._geometry)
         _refresh.refresh_layers([self], n_iterations)  # counts as this weight's refresh
 
-    def refresh(self, n_iterations: Optional[int] = None) -> None:
-        """Advance the power iteration(s) by ``n_iterations`` (default ``n_power_iterations``)
-        steps on the current weight.
+    def reset_parameters(self) -> None:
+        """``nn.Conv2d``'s initialization, then a fresh power iteration for the new weight (what
+        ``to_empty()`` followed by ``reset_parameters()`` needs, as FSDP does)."""
+        super().reset_parameters()
+        if getattr(self, "power_iteration", None) is not None and self.materialized:  # not during __init__
+            self.reset_power_iteration()
 
-        Runs automatically once per optimizer step in training mode; call it to control it,
-        e.g. ``refresh(200)`` before deployment to remove the tracking lag of training.
-        ``srnc_ext.refresh(model)`` refreshes all layers of a model in batched groups.
+    def refresh(self, n_iterations: Optional[int] = None, *, tol: Optional[float] = None) -> Optional[float]:
+        """Advance the power iteration(s) on the current weight and return ``residual``.
+
+        ``n_iterations`` steps (default ``n_power_iterations``); with ``tol``, iterate until the
+        residual is at most ``tol`` or ``n_iterations`` steps (default 1000) have run, warning if
+        it was not reached. Runs automatically once per optimizer step in training mode; call it
+        e.g. as ``refresh(500, tol=1e-6)`` before deployment to remove the tracking lag of
+        training. ``srnc_ext.refresh(model)`` refreshes all layers of a model in batched groups.
         Raises ``ValueError`` (vectors untouched) if the weight has NaN or inf entries.
         """
         if not self.materialized:
             raise RuntimeError("input_size is unknown: pass input_size= or run a forward first")
-        if n_iterations is not None and (isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1):
-            raise ValueError(f"n_iterations must be an int >= 1, got {n_iterations!r}")
-        _refresh.refresh_layers([self], n_iterations)
-
-    def _commit_pairs(self, vectors, s1, direction, s1_out, consts) -> list:
-        """``(buffer, new value)`` for each buffer a refresh's results go to."""
-        buffers = self._buffers  # not Module.__getattr__: this runs for every layer on every step
-        pairs = [(buffers[name], value) for name, value in vectors.items()]
-        return pairs + [(buffers["_s1"], s1), (buffers["_direction"], direction), (buffers["_s1_out"], s1_out),
-                        (buffers["_consts"], consts)]
-
-    def _committed(self, mark_refreshed: bool) -> None:
-        """Record that the buffers of ``_commit_pairs`` now hold a refresh's results."""
-        self._state_version += 1
-        if mark_refreshed:
-            self._refreshed_at = self._weight_key()
-
-    def _commit(self, vectors, s1, direction, s1_out, consts, mark_refreshed: bool) -> None:
-        """Store a refresh's results."""
-        for buffer, value in self._commit_pairs(vectors, s1, direction, s1_out, consts):
-            buffer.copy_(value)
-        self._committed(mark_refreshed)
+        _refresh.refresh_layers([self], n_iterations, tol=tol)
+        return self.residual
 
     @torch.no_grad()
     def _recompute_constants(self) -> None:
         """The rank-one kernels and op constants from the stored vectors, without iterating."""
-        geometry, code = self._geometry, self.variant_code
+        geometry, code, state = self._geometry, self.variant_code, self.power_iteration
         taps = geometry.kernel_size[0] * geometry.kernel_size[1]
-        with no_autocast(self.weight):
-            s1 = geometry.kernel_grad(self.v, self.u).reshape(1, -1, taps)
+        with no_autocast(self.weight), normal_tensors():
+            s1 = geometry.kernel_grad(state.vector("v"), state.vector("u")).reshape(1, -1, taps)
             s1_out = s1
             if code == VARIANT_PROJECTED:
-                s1_out = geometry.kernel_grad(self.v_out, self.u_out).reshape(1, -1, taps)
-            direction, consts = prepare_constants(s1, s1_out, self._gram_pinv, code)
-        self._commit({}, s1, direction, s1_out, consts, mark_refreshed=False)
+                s1_out = geometry.kernel_grad(state.vector("v_out"), state.vector("u_out")).reshape(1, -1, taps)
+            direction, consts = prepare_constants(s1, s1_out, self._buffers["_gram_pinv"], code)
+            for buffer, value in state.commit_pairs({}, s1, direction, s1_out, consts):
+                buffer.copy_(value)
+        state.committed(None)
+
+    def warn_floor(self, floor: float) -> None:
+        """Warn (once per layer) that ``beta`` asks for a stable rank below what the reweighting of
+        this kernel can reach (``floor``), where gamma underflows and the weight stops learning."""
+        if self.power_iteration.floor_warned:
+            return
+        self.power_iteration.floor_warned = True
+        full_rank = self._geometry.full_rank
+        name = self.srnc_name or f"{type(self).__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size})"
+        warnings.warn(
+            f"SRN-C layer {name}: beta={self.beta} asks for stable rank {self.beta * full_rank:.4g}, below the floor "
+            f"{floor:.4g} that the reweighting can reach for this kernel and input size {self.input_size} (the "
+            f"stable rank of the kernel's rank-one component); there gamma underflows and the weight gets almost no "
+            f"gradient. The smallest reachable beta here is {floor / full_rank:.4g}.",
+            RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ forward
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward uses: ``alpha * K~`` (differentiable w.r.t. ``weight``).
 
-        In eager mode it is computed once per weight version and refresh and shared by every
-        forward until then (a T-frame unroll runs the reweight op once, and its backward once
-        per ``backward()`` call); under ``torch.compile`` the op is traced into the graph.
+        In eager mode on the CPU it is computed once per weight value and refresh and shared by
+        every forward until then (a T-frame unroll runs the reweight op once, and its backward
+        once per ``backward()`` call); under ``torch.compile`` the op is traced into the graph;
+        under ``torch.func`` transforms and ``torch.jit.trace`` the pure-PyTorch reference ops
+        run with plain autograd (they support vmap, jvp and higher-order gradients).
         """
         if not self.materialized:
             raise RuntimeError("input_size is unknown: pass input_size= or run a forward first")
         if torch.compiler.is_compiling():
-            return self._reweight()
-        weight = self.weight
-        key = (self._weight_key(), self._state_version, torch.is_grad_enabled(), weight.requires_grad,
-               self.alpha, self.beta, self.eps, id(self._op_impl))
-        if self._weight_cache is None or self._weight_cache[0] != key:
-            if torch.is_grad_enabled() and weight.requires_grad:
-                out = _SharedReweight.apply(weight, self)
-            else:
-                with torch.no_grad():
-                    out = self._reweight()
-            self._weight_cache = (key, out)
-        return self._weight_cache[1]
+            return self._reweight(self.ops)
+        if torch.jit.is_tracing() or _functorch_active():
+            return self._reweight(backends.REFERENCE)
+        if self.power_iteration.constants_stale():
+            self._recompute_constants()  # the vectors were written from outside (e.g. an EMA of the buffers)
+        weight, ops = self.weight, self.ops
+        grad = torch.is_grad_enabled() and weight.requires_grad
+        key = (self.power_iteration.version, grad, self.alpha, self.beta, self.eps, id(ops))
+        cache = self._weight_cache
+        if cache is not None and cache.holds(weight, key):
+            return cache.value
+        if grad:
+            out = _Reweight.apply(weight, self, ops)[0]
+        else:
+            with torch.no_grad():
+                out = self._reweight(ops)
+        self._weight_cache = _WeightCache.create(weight, key, out) if self._cache_weight else None
+        return out
 
-    def _op_inputs(self) -> tuple:
-        b = self._buffers  # not Module.__getattr__: this runs on every step
-        return (b["_s1"], b["_direction"], b["_s1_out"], b["_gram"], b["_consts"])
-
-    def _reweight(self) -> torch.Tensor:
+    def _reweight(self, ops) -> torch.Tensor:
         """The reweight op with its own autograd (traceable by ``torch.compile``)."""
         weight = self.weight
+        inputs = self.power_iteration.op_inputs()
         with no_autocast(weight):
-            kernel = weight.to(self._vector_dtype()).reshape(self._s1.shape)
-            out, _ = self._op_impl.reweight_forward(kernel, *self._op_inputs(), *self.op_scalars())
+            kernel = weight.to(self.compute_dtype).reshape(inputs[0].shape)
+            out, _ = ops.reweight_forward(kernel, *inputs, *self.op_scalars())
         return out.reshape(weight.shape).to(weight.dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -316,9 +347,12 @@ class SRNCConv2d(nn.Conv2d):
             raise ValueError(
                 f"input has {input.shape[-3]} channels but the layer has in_channels={self.in_channels}"
             )
+        if torch.jit.is_tracing() and self.training:
+            raise RuntimeError("torch.jit.trace of an SRNCConv2d in training mode would record one refresh as "
+                               "constants: trace the model in eval mode, or trace srnc_ext.to_conv2d(model)")
         if not self.materialized:
             self.set_input_size(self.input_size or tuple(input.shape[-2:]))
-        if self.training and not torch.compiler.is_compiling() and self.is_stale():
+        if self.training and not _functional_mode() and self.is_stale():
             _refresh.refresh_layers([self])
         return self._conv_forward(input, self.effective_weight(), self.bias)
 
@@ -329,96 +363,161 @@ class SRNCConv2d(nn.Conv2d):
             f"input_size={self.input_size}, n_power_iterations={self.n_power_iterations}"
         )
 
-    def get_extra_state(self):
-        # "fresh": the vectors were refreshed for exactly the saved weight, so a resumed run does
-        # not refresh again before its first step (resume equals an uninterrupted run)
-        return {"input_size": self.input_size, "variant": self.variant,
-                "fresh": bool(self.materialized and not self.is_stale())}
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "SRNCConv2d cannot be compiled by torch.jit.script (its forward refreshes Python-side state). "
+            "Export srnc_ext.to_conv2d(copy.deepcopy(model)) -- plain nn.Conv2d layers holding the effective "
+            "weights, the same function in eval mode -- or use torch.jit.trace in eval mode, torch.export or "
+            "torch.compile.")
 
-    def set_extra_state(self, state) -> None:
-        size = state.get("input_size")
-        self._geometry = None if size is None else ConvGeometry.from_conv(self, tuple(size))
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.materialized:
+            # "fresh": the vectors were refreshed for exactly the saved weight, so a resumed run does not
+            # refresh again before its first step (resume equals an uninterrupted run). A tensor, so the
+            # state_dict holds tensors only (EMA code zips and lerps its values).
+            destination[prefix + FRESH_NAME] = torch.tensor(not self.is_stale(), device=self.weight.device)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        extra = state_dict.get(prefix + "_extra_state")
-        geometry = self._geometry
-        if isinstance(extra, dict):
-            if extra.get("variant") != self.variant:
-                error_msgs.append(
-                    f"{prefix}: checkpoint has variant={extra.get('variant')!r}, layer has variant={self.variant!r}"
-                )
-                return
-            size = extra.get("input_size")
-            try:
-                geometry = None if size is None else ConvGeometry.from_conv(self, tuple(size))
-            except (TypeError, ValueError) as err:
-                error_msgs.append(f"{prefix}_extra_state: {err}")
-                return
-            for name in self._vector_names:
-                incoming = state_dict.get(prefix + name)
-                if incoming is None or geometry is None:
-                    continue
-                expected = geometry.output_shape() if name.startswith("u") else geometry.input_shape()
-                if tuple(incoming.shape) != expected:
-                    error_msgs.append(f"{prefix}{name}: shape {tuple(incoming.shape)} does not match {expected}")
-                    return
-            if geometry is not None and (self._geometry != geometry or self.u is None):
-                self._allocate(geometry)  # buffers of the incoming shapes, so copy_ works
+        legacy = state_dict.get(prefix + _LEGACY_EXTRA_STATE)
+        legacy = legacy if isinstance(legacy, dict) else {}
+        geometry = self._check_incoming(state_dict, prefix, legacy, error_msgs)
+        if geometry is False:
+            return  # nothing was touched
+        if geometry is not None and (self._geometry != geometry or not self.power_iteration.allocated):
+            self._geometry = geometry
+            self._allocate(geometry)  # buffers of the incoming shapes, so copy_ works
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        fresh = isinstance(extra, dict) and extra.get("fresh") is True and (prefix + "weight") in state_dict
-        self._refreshed_at = self._weight_key() if fresh and self.materialized else None
-        if self.materialized and any(prefix + name not in state_dict for name in _SAVED_CONSTANT_NAMES):
+        own = {prefix + name for name in (_LEGACY_EXTRA_STATE, FRESH_NAME)}
+        unexpected_keys[:] = [key for key in unexpected_keys if key not in own]
+        optional = {prefix + name for name in SAVED_CONSTANT_NAMES}  # recomputed from the vectors when absent
+        missing_keys[:] = [key for key in missing_keys if key not in optional]
+        if not self.materialized:
+            return
+        self.power_iteration.committed(None)  # new vectors or constants: no cached weight survives
+        self._weight_cache = None
+        if any(prefix + name not in state_dict for name in SAVED_CONSTANT_NAMES):
             self._recompute_constants()  # a state_dict without them (vectors only)
+        flag = state_dict.get(prefix + FRESH_NAME)
+        fresh = (bool(flag) if isinstance(flag, torch.Tensor) and flag.numel() == 1 and not flag.is_meta
+                 else legacy.get("fresh") is True)
+        self.power_iteration.mark_fresh(self.weight if fresh and (prefix + "weight") in state_dict else None)
+
+    def _check_incoming(self, state_dict, prefix, legacy, error_msgs):
+        """The geometry the incoming vectors imply (their shapes carry the input size), the current
+        one when there are none, or False after recording an error (before anything is loaded)."""
+        def fail(message):
+            error_msgs.append(f"{prefix or '<layer>.'}{message}")
+            return False
+
+        if legacy.get("variant", self.variant) != self.variant:
+            return fail(f" checkpoint has variant={legacy.get('variant')!r}, layer has variant={self.variant!r}")
+        vectors = {name: state_dict.get(prefix + name) for name in VECTOR_NAMES}
+        if vectors["v"] is None:
+            return self._geometry
+        if (vectors["u_out"] is not None) != (self.variant == "projected"):
+            saved = "projected" if vectors["u_out"] is not None else "paper"
+            return fail(f" checkpoint has the vectors of variant={saved!r}, layer has variant={self.variant!r}")
+        v = vectors["v"]
+        if not isinstance(v, torch.Tensor) or v.dim() != 4 or v.shape[0] != 1 or v.shape[1] != self.in_channels:
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            return fail(f"v: shape {shape} is not (1, in_channels={self.in_channels}, H, W)")
+        try:
+            geometry = ConvGeometry.from_conv(self, tuple(int(s) for s in v.shape[-2:]))
+        except (TypeError, ValueError) as err:
+            return fail(f"v: {err}")
+        for name, expected in self.power_iteration.shapes(geometry).items():
+            incoming = state_dict.get(prefix + name)
+            if incoming is not None and (not isinstance(incoming, torch.Tensor) or tuple(incoming.shape) != expected):
+                shape = tuple(incoming.shape) if isinstance(incoming, torch.Tensor) else type(incoming).__name__
+                return fail(f"{name}: shape {shape} does not match {expected} (input size {geometry.input_size})")
+        return geometry
 
     def _apply(self, fn, recurse=True):
         # Keep vectors and constants in the compute dtype (float32 for half/bfloat16 weights).
-        saved = {name: self._buffers.get(name) for name in (*self._vector_names, *_CONSTANT_NAMES)}
+        state = self.power_iteration
+        saved = {name: self._buffers.get(name) for name in (*state.vector_names, *SAVED_CONSTANT_NAMES)}
         super()._apply(fn, recurse)
-        target = self._vector_dtype()
+        target = self.compute_dtype
         for name, old in saved.items():
             new = self._buffers.get(name)
             if old is not None and new is not None and new.dtype != target:
-                self._buffers[name] = new = old.to(device=new.device, dtype=target)
-            if name in self._vector_names and new is not None:  # the memory format the refresh uses there
+                source = new if old.is_meta and not new.is_meta else old
+                self._buffers[name] = new = source.to(device=new.device, dtype=target)
+            if name in state.vector_names and new is not None:  # the memory format the refresh uses there
                 self._buffers[name] = new.contiguous(memory_format=_refresh.vector_format(new.device))
-        self._resolve_ops()
+        if self._geometry is not None and state.allocated:
+            state.set_gram(self._geometry, target, self.weight.device)  # from the geometry: valid after to_empty too
+            state.record_vectors()  # converted together: still consistent
         self._weight_cache = None
         return self
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_refreshed_at"] = self.materialized and not self.is_stale()  # a copy is as fresh as its original
-        state.pop("_op_impl", None)  # a module object: resolved again on load
+        state["_copy_is_fresh"] = self.materialized and not self.is_stale()  # a copy is as fresh as its original
         state["_weight_cache"] = None  # holds an autograd graph
         return state
 
     def __setstate__(self, state):
+        fresh = state.pop("_copy_is_fresh", False)
         super().__setstate__(state)
-        self._refreshed_at = self._weight_key() if state.get("_refreshed_at") is True else None
-        self._resolve_ops()
+        if fresh:
+            self.power_iteration.mark_fresh(self.weight)
         _refresh.register(self)
 
 
-class _SharedReweight(torch.autograd.Function):
+class _WeightCache:
+    """One forward's effective weight, reused while provably equal (see the module docstring)."""
+
+    __slots__ = ("weight", "version", "snapshot", "key", "value")
+
+    @classmethod
+    def create(cls, weight: torch.Tensor, key: tuple, value: torch.Tensor) -> Optional["_WeightCache"]:
+        if weight.device.type != "cpu":  # torch.equal would synchronize the device on every forward
+            return None
+        cache = cls()
+        cache.weight, cache.version, cache.key, cache.value = weakref.ref(weight), version_of(weight), key, value
+        cache.snapshot = weight.detach().clone()
+        return cache
+
+    def holds(self, weight: torch.Tensor, key: tuple) -> bool:
+        return (self.weight() is weight and self.key == key and self.version == version_of(weight)
+                and torch.equal(self.snapshot, weight))
+
+
+class _Reweight(torch.autograd.Function):
     """The effective weight as one autograd node that every forward of a step can share.
 
-    Its inputs for the backward are kept on ``ctx`` (not ``save_for_backward``), so the node
-    survives one ``backward()`` and serves the next micro-batch of gradient accumulation; the
-    layer drops it (``_weight_cache``) as soon as the weight or the vectors change.
+    The closed-form backward's inputs are kept on ``ctx`` (not ``save_for_backward``), so the
+    node survives one ``backward()`` and serves the next micro-batch of gradient accumulation;
+    the layer drops it as soon as the weight or the vectors change. With ``create_graph=True``
+    the backward is the same closed form written with differentiable PyTorch ops on the weight
+    itself, so second-order gradients (Hessian-vector products) flow.
     """
 
     @staticmethod
-    def forward(ctx, weight, layer):
-        inputs, scalars = layer._op_inputs(), layer.op_scalars()
-        with torch.no_grad(), no_autocast(weight):
-            kernel = weight.detach().to(layer._vector_dtype()).reshape(inputs[0].shape)
-            out, stats = layer._op_impl.reweight_forward(kernel, *inputs, *scalars)
-        ctx.saved = (layer._op_impl, kernel, inputs, stats, scalars, weight.shape, weight.dtype)
-        return out.reshape(weight.shape).to(weight.dtype)
+    def forward(weight, layer, ops):
+        inputs = layer.power_iteration.op_inputs()
+        with no_autocast(weight):
+            kernel = weight.detach().to(layer.compute_dtype).reshape(inputs[0].shape)
+            out, stats = ops.reweight_forward(kernel, *inputs, *layer.op_scalars())
+        return out.reshape(weight.shape).to(weight.dtype), stats
 
     @staticmethod
-    def backward(ctx, grad):
-        ops, kernel, inputs, stats, scalars, shape, dtype = ctx.saved
-        with torch.no_grad(), no_autocast(grad):
-            grad_kernel = ops.reweight_backward(grad.to(kernel.dtype).reshape(kernel.shape), kernel, *inputs, stats, *scalars)
-        return grad_kernel.reshape(shape).to(dtype), None
+    def setup_context(ctx, inputs, output):
+        weight, layer, ops = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.ops, ctx.inputs, ctx.scalars, ctx.stats = ops, layer.power_iteration.op_inputs(), layer.op_scalars(), output[1]
+        ctx.weight, ctx.dtype = weight, layer.compute_dtype
+
+    @staticmethod
+    def backward(ctx, grad, _grad_stats):
+        weight, dtype, shape = ctx.weight, ctx.dtype, ctx.inputs[0].shape
+        with no_autocast(grad):
+            grad_k = grad.to(dtype).reshape(shape)
+            if torch.is_grad_enabled():  # create_graph=True: differentiable in the weight and in grad
+                grad_kernel = reweight_ref.reweight_vjp(grad_k, weight.to(dtype).reshape(shape), *ctx.inputs, *ctx.scalars)
+            else:
+                kernel = weight.detach().to(dtype).reshape(shape)
+                grad_kernel = ctx.ops.reweight_backward(grad_k, kernel, *ctx.inputs, ctx.stats, *ctx.scalars)
+        return grad_kernel.reshape(weight.shape).to(weight.dtype), None, None

@@ -64,8 +64,10 @@ class Spectrum:
 
     @property
     def stable_rank(self) -> float:
-        """Absolute stable rank ``||W||_F^2 / sigma_1^2`` (in ``[1, full_rank]`` unless W = 0)."""
-        return self.frobenius_sq / self.sigma_max**2
+        """Absolute stable rank ``||W||_F^2 / sigma_1^2`` (in ``[1, full_rank]``; 0 for W = 0, the
+        rank of the zero operator)."""
+        sigma = self.sigma_max
+        return self.frobenius_sq / sigma**2 if sigma > 0 else 0.0
 
     @property
     def stable_rank_fraction(self) -> float:
@@ -193,7 +195,9 @@ def spectrum(
         if method == "auto":
             fits = geometry.dim_in * geometry.dim_out <= MAX_MATRIX_ENTRIES
             method = "fft" if geometry.is_circulant else "matrix" if fits else "arpack"
-        if method == "fft":
+        if not bool(kernel.any()):  # the zero operator: ARPACK fails on it (error -9), nothing to compute
+            values = kernel.new_zeros(k if method == "arpack" else geometry.full_rank)
+        elif method == "fft":
             values = fft_singular_values(geometry, kernel)
         elif method == "matrix":
             values = torch.linalg.svdvals(operator_matrix(geometry, kernel))
@@ -239,6 +243,7 @@ class LayerSpectrum:
     stable_rank: float
     stable_rank_fraction: float
     method: str
+    residual: Optional[float] = None  # SRN-C layers: the power iteration's residual (``SRNCConv2d.residual``)
 
 
 def model_report(
@@ -262,18 +267,20 @@ def model_report(
             raise ValueError(f"no input_size for layer {name!r}: pass it in input_size or set the layer's input_size")
         result = spectrum(conv, size, method=method)
         rows.append(LayerSpectrum(name, tuple(conv.weight.shape), pair(size, "input_size"), result.sigma_max,
-                                  result.stable_rank, result.stable_rank_fraction, result.method))
+                                  result.stable_rank, result.stable_rank_fraction, result.method,
+                                  getattr(conv, "residual", None)))
     return rows
 
 
 def format_report(rows: List[LayerSpectrum]) -> str:
     """``rows`` as a Markdown table."""
     lines = [
-        "| name | shape | input | sigma_1 | stable rank | fraction of full rank | method |",
-        "|---|---|---|---:|---:|---:|---|",
+        "| name | shape | input | sigma_1 | stable rank | fraction of full rank | method | residual |",
+        "|---|---|---|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         shape, size = "x".join(map(str, r.weight_shape)), "x".join(map(str, r.input_size))
+        residual = "" if r.residual is None else f"{r.residual:.2e}"
         lines.append(f"| {r.name} | {shape} | {size} | {r.sigma_max:.4f} | {r.stable_rank:.3f} "
-                     f"| {r.stable_rank_fraction:.4f} | {r.method} |")
+                     f"| {r.stable_rank_fraction:.4f} | {r.method} | {residual} |")
     return "\n".join(lines)

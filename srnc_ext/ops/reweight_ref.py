@@ -72,6 +72,17 @@ def reweight_forward(
     return out, torch.stack([s, q, p], 1)
 
 
+def reweight_vjp(
+    grad: Tensor, kernel: Tensor, s1: Tensor, direction: Tensor, s1_out: Tensor, gram: Tensor, consts: Tensor,
+    alpha: float, beta_rank: float, positions: float, eps: float, variant: int,
+) -> Tensor:
+    """``reweight_backward`` with the reductions recomputed from ``kernel``: differentiable in
+    ``grad`` and ``kernel`` by autograd (double backward, Hessian-vector products)."""
+    stats = torch.stack(_reductions(kernel, s1, s1_out, gram, variant), 1)
+    return reweight_backward(grad, kernel, s1, direction, s1_out, gram, consts, stats, alpha, beta_rank, positions,
+                             eps, variant)
+
+
 def reweight_backward(
     grad: Tensor, kernel: Tensor, s1: Tensor, direction: Tensor, s1_out: Tensor, gram: Tensor, consts: Tensor,
     stats: Tensor, alpha: float, beta_rank: float, positions: float, eps: float, variant: int,
