@@ -462,3 +462,12 @@ def test_instability_onsets_restores_the_modes():
     frames = (torch.rand(3, 8, 8) for _ in range(4))
     result = srnc_ext.diagnostics.instability_onsets(wrapped, frames, lambda clean: (clean, clean))
     assert result["frames"] == 4 and branch.training and branch.body.training
+
+
+def test_input_size_comes_from_the_saved_vectors_not_from_metadata():
+    """A crafted checkpoint with a huge input size and no vectors allocates nothing."""
+    state = {"weight": torch.randn(5, 4, 3, 3), "bias": torch.randn(5),
+             "_extra_state": {"input_size": (100_000, 100_000), "variant": "projected", "fresh": True}}
+    layer = SRNCConv2d(4, 5, 3, padding=1, beta=0.3)
+    layer.load_state_dict(state)
+    assert layer.input_size is None and layer.u is None
