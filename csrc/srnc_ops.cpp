@@ -1,4 +1,7 @@
-// srnc_ext ops: schemas, argument checks, the CPU backend and the device dispatch.
+// srnc_ext ops: argument guards, the CPU backend and the device dispatch. The schemas, fake kernels and
+// autograd are declared once, in Python (srnc_ext/ops/contract.py), for every backend; this file only
+// registers kernels for them (TORCH_LIBRARY_IMPL). The TORCH_CHECKs here guard memory when
+// torch.ops.srnc_ext.* is called directly; the user-facing checks are the contract's.
 //
 // Each op body checks its arguments, makes inputs contiguous, allocates the outputs and fills one
 // of the plain op structs of srnc_coefficients.h, which run_layerwise_cpu (here) or
@@ -18,7 +21,7 @@
 
 #include "srnc_coefficients.h"
 
-// `from srnc_ext import _C` loads this library, which runs the TORCH_LIBRARY registrations below.
+// `from srnc_ext import _C` loads this library, which runs the TORCH_LIBRARY_IMPL registrations below.
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
@@ -261,16 +264,6 @@ Tensor reweight_backward(const Tensor& grad, const Tensor& kernel, const Tensor&
 
 }  // namespace
 }  // namespace srnc
-
-TORCH_LIBRARY(srnc_ext, m) {
-  m.def("normalize_segments(Tensor x, Tensor fallback, float eps) -> Tensor");
-  m.def(
-      "reweight_forward(Tensor kernel, Tensor s1, Tensor direction, Tensor s1_out, Tensor gram, Tensor consts, "
-      "float alpha, float beta_rank, float positions, float eps, int variant) -> (Tensor out, Tensor stats)");
-  m.def(
-      "reweight_backward(Tensor grad, Tensor kernel, Tensor s1, Tensor direction, Tensor s1_out, Tensor gram, "
-      "Tensor consts, Tensor stats, float alpha, float beta_rank, float positions, float eps, int variant) -> Tensor");
-}
 
 // The same bodies serve both devices: run_layerwise picks the backend from the tensors' device.
 TORCH_LIBRARY_IMPL(srnc_ext, CPU, m) {

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
 
-from .ops import reweight_ref
+from .ops import contract, reweight_ref
 
 BACKENDS = ("auto", "cuda", "cpu", "triton", "reference")
 _selected: Optional[str] = None
@@ -73,12 +72,7 @@ def triton_available(device_type: str) -> bool:
     return device_type == "cuda" or os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 
 
-REFERENCE = SimpleNamespace(
-    name="reference",
-    normalize_segments=reweight_ref.normalize_segments,
-    reweight_forward=reweight_ref.reweight_forward,
-    reweight_backward=reweight_ref.reweight_backward,
-)
+REFERENCE = contract.OpSet("reference", {name: getattr(reweight_ref, name) for name in contract.OPS})
 
 
 def resolve(name: Optional[str], device: torch.device) -> str:

@@ -30,9 +30,9 @@ from typing import Tuple
 
 import torch
 
-VARIANT_SN = 0
-VARIANT_PAPER = 1
-VARIANT_PROJECTED = 2
+from .contract import Variant
+
+VARIANT_SN, VARIANT_PAPER, VARIANT_PROJECTED = Variant.SN, Variant.PAPER, Variant.PROJECTED
 
 Tensor = torch.Tensor
 

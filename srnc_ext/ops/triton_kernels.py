@@ -19,6 +19,8 @@ from typing import Tuple
 
 import torch
 
+from .contract import accumulation_dtype as acc_dtype  # float64 for float64 inputs, float32 otherwise
+
 try:
     import triton
     import triton.language as tl
@@ -280,13 +282,8 @@ def _reweight_backward_kernel(gr_ptr, k_ptr, s1_ptr, v_ptr, so_ptr, g_ptr, c_ptr
 
 
 # ---------------------------------------------------------------------------------------------
-# launchers (inputs validated by triton_ops; here only made contiguous)
+# launchers (inputs validated by contract.py; here only made contiguous)
 # ---------------------------------------------------------------------------------------------
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the kernels: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _tl_acc(dtype: torch.dtype):
     return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
 
