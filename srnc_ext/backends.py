@@ -1,17 +1,24 @@
 """Backend choice for the stacked SRN-C ops.
 
-Names: ``"auto"`` (the compiled op for the tensor's device, else Triton, else the reference),
-``"cuda"`` / ``"cpu"`` (the compiled C++/CUDA op, an error if it is missing), ``"triton"``
-and ``"reference"`` (pure PyTorch, ``srnc_ext.ops.reweight_ref``). Precedence: a layer's own
-``backend``, then ``set_backend(...)``, then the environment variable ``SRNC_BACKEND``, then
-``"auto"``. Every backend exposes ``normalize_segments``, ``reweight_forward`` (with autograd) and
-``reweight_backward``.
+Each implementation is a ``Backend``: a name, a priority, a check of whether it runs on a device
+type and whether ``"auto"`` may pick it there, and its ops (a ``contract.OpSet``: every backend
+exposes ``normalize_segments``, ``reweight_forward`` (with autograd) and ``reweight_backward``,
+behind the same argument checks). ``"auto"`` takes the highest-priority backend that runs on the
+tensors' device and is meant for it: the compiled C++/CUDA ops, then Triton (GPU only: under the
+interpreter it is a test vehicle, far slower than the reference), then the pure-PyTorch
+reference (with a warning that the compiled ops are missing).
+
+Names a user passes (``BACKENDS``): ``"auto"``, ``"cuda"`` / ``"cpu"`` (the compiled ops, an error
+if they are missing or the tensors are elsewhere), ``"triton"`` and ``"reference"``. Precedence: a
+layer's own ``backend``, then ``set_backend(...)``, then the environment variable
+``SRNC_BACKEND``, then ``"auto"``.
 """
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -19,6 +26,62 @@ from .ops import contract, reweight_ref
 
 BACKENDS = ("auto", "cuda", "cpu", "triton", "reference")
 _selected: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    priority: int
+    _runs_on: Callable[[str], bool]  # device type -> whether the ops run there
+    _auto_on: Callable[[str], bool]  # device type -> whether "auto" may pick it
+    _ops: Callable[[], contract.OpSet]
+    unavailable_hint: str
+
+    def runs_on(self, device_type: str) -> bool:
+        try:
+            return self._runs_on(device_type)
+        except ImportError:
+            return False
+
+    def auto_on(self, device_type: str) -> bool:
+        return self.runs_on(device_type) and self._auto_on(device_type)
+
+    @property
+    def ops(self) -> contract.OpSet:
+        return self._ops()
+
+
+def _compiled():
+    from .ops import compiled
+
+    return compiled
+
+
+def _triton():
+    from .ops import triton_ops
+
+    return triton_ops
+
+
+def _compiled_runs_on(device_type: str) -> bool:
+    compiled = _compiled()
+    return compiled.AVAILABLE and (device_type == "cpu" or (device_type == "cuda" and compiled.has_cuda_kernels()))
+
+
+def _triton_runs_on(device_type: str) -> bool:
+    return _triton().AVAILABLE and (device_type == "cuda" or os.environ.get("TRITON_INTERPRET", "") not in ("", "0"))
+
+
+REFERENCE = contract.OpSet("reference", {name: getattr(reweight_ref, name) for name in contract.OPS})
+
+REGISTRY: Dict[str, Backend] = {b.name: b for b in (
+    Backend("compiled", 30, _compiled_runs_on, lambda device: True, lambda: _compiled().OPS,
+            "needs the compiled srnc_ext._C ops; rebuild with `pip install --no-build-isolation -e .` "
+            "(SRNC_BUILD_CUDA=1 forces the CUDA kernels)"),
+    Backend("triton", 20, _triton_runs_on, lambda device: device == "cuda", lambda: _triton().OPS,
+            "needs a GPU, or TRITON_INTERPRET=1 set before triton is imported for CPU tensors"),
+    Backend("reference", 0, lambda device: True, lambda device: True, lambda: REFERENCE, ""),
+)}
 
 
 def check_backend(name: Optional[str], argument: str = "backend") -> Optional[str]:
@@ -40,84 +103,43 @@ def get_backend() -> str:
     return check_backend(os.environ.get("SRNC_BACKEND") or "auto", "SRNC_BACKEND") or "auto"
 
 
-def _compiled():
-    from .ops import compiled
-
-    return compiled
-
-
-def _triton():
-    from .ops import triton_ops
-
-    return triton_ops
-
-
 def compiled_available(device_type: str) -> bool:
-    try:
-        compiled = _compiled()
-    except ImportError:
-        return False
-    if not compiled.AVAILABLE:
-        return False
-    return device_type == "cpu" or (device_type == "cuda" and compiled.has_cuda_kernels())
+    return REGISTRY["compiled"].runs_on(device_type)
 
 
 def triton_available(device_type: str) -> bool:
-    try:
-        triton_ops = _triton()
-    except ImportError:
-        return False
-    if not triton_ops.AVAILABLE:
-        return False
-    return device_type == "cuda" or os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
-
-
-REFERENCE = contract.OpSet("reference", {name: getattr(reweight_ref, name) for name in contract.OPS})
+    return REGISTRY["triton"].runs_on(device_type)
 
 
 def resolve(name: Optional[str], device: torch.device) -> str:
-    """The concrete implementation (``"compiled"``, ``"triton"``, ``"reference"``) for ``name`` on ``device``."""
+    """The implementation (``"compiled"``, ``"triton"``, ``"reference"``) for ``name`` on ``device``."""
     name = check_backend(name) or get_backend()
     kind = torch.device(device).type
     if name == "reference" or kind == "meta":  # meta: shapes only (convert builds layers there)
         return "reference"
-    if name in ("cuda", "cpu"):
-        if kind != name:
+    if name in ("cuda", "cpu", "triton"):
+        backend = REGISTRY["triton" if name == "triton" else "compiled"]
+        if name != "triton" and kind != name:
             raise RuntimeError(f"backend={name!r} was selected but the tensors are on {kind}")
-        if not compiled_available(kind):
-            raise RuntimeError(
-                f"backend={name!r} needs the compiled srnc_ext._C ops for {kind}; rebuild with "
-                "`pip install --no-build-isolation -e .` (SRNC_BUILD_CUDA=1 forces the CUDA kernels)"
-            )
-        return "compiled"
-    if name == "triton":
-        if not triton_available(kind):
-            raise RuntimeError(
-                f"backend='triton' is not usable on {kind}: Triton needs a GPU, or TRITON_INTERPRET=1 "
-                "set before triton is imported for CPU tensors"
-            )
-        return "triton"
-    if compiled_available(kind):
-        return "compiled"
-    if kind == "cuda" and triton_available(kind):
-        return "triton"
-    if kind in ("cpu", "cuda"):
+        if not backend.runs_on(kind):
+            raise RuntimeError(f"backend={name!r} is not usable on {kind}: it {backend.unavailable_hint}")
+        return backend.name
+    best = max((b for b in REGISTRY.values() if b.auto_on(kind)), key=lambda b: b.priority)
+    if best.name == "reference" and kind in ("cpu", "cuda"):
         _warn_missing_compiled()
-    return "reference"
+    return best.name
 
 
-_RESOLVED: dict = {}  # (name, global choice, device type) -> op namespace; resolution runs per forward
+_RESOLVED: dict = {}  # (name, global choice, device type) -> op set; resolution runs per forward
 
 
-def ops(name: Optional[str], device: torch.device):
-    """The op namespace (``normalize_segments``, ``reweight_forward``) for ``name`` on ``device``."""
+def ops(name: Optional[str], device: torch.device) -> contract.OpSet:
+    """The ops (``normalize_segments``, ``reweight_forward``, ``reweight_backward``) for ``name`` on ``device``."""
     key = (name, get_backend() if name is None else None, torch.device(device).type)
-    namespace = _RESOLVED.get(key)
-    if namespace is None:
-        impl = resolve(name, device)
-        namespace = _compiled() if impl == "compiled" else _triton() if impl == "triton" else REFERENCE
-        _RESOLVED[key] = namespace
-    return namespace
+    op_set = _RESOLVED.get(key)
+    if op_set is None:
+        op_set = _RESOLVED[key] = REGISTRY[resolve(name, device)].ops
+    return op_set
 
 
 _warned = False
@@ -129,7 +151,6 @@ def _warn_missing_compiled() -> None:
         return
     _warned = True
     try:
-        compiled = _compiled()
-        compiled.warn_unavailable()
+        _compiled().warn_unavailable()
     except ImportError:
         warnings.warn("srnc_ext: compiled ops unavailable; using the pure-PyTorch reference", stacklevel=3)

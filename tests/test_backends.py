@@ -74,3 +74,13 @@ def test_every_backend_matches_reference_in_training(backend, dtype, variant, be
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         if isinstance(a, torch.Tensor):
             torch.testing.assert_close(a, b, msg=name, **tol)
+
+
+def test_backends_are_objects_and_auto_takes_the_best_one_meant_for_the_device():
+    registry = backends.REGISTRY
+    assert sorted(registry, key=lambda n: -registry[n].priority) == ["compiled", "triton", "reference"]
+    assert registry["reference"].runs_on("cpu") and registry["reference"].auto_on("cpu")
+    assert not registry["triton"].auto_on("cpu")  # the interpreter is a test vehicle, not a CPU backend
+    expected = "compiled" if registry["compiled"].runs_on("cpu") else "reference"
+    assert backends.resolve("auto", torch.device("cpu")) == expected
+    assert backends.ops("reference", torch.device("cpu")).name == "reference"

@@ -14,7 +14,7 @@ import torch
 
 from . import contract
 
-OPS = contract.register("srnc_ext")  # before the extension registers its kernels for these schemas
+OPS = contract.register("srnc_ext", name="compiled")  # before the extension registers its kernels for these schemas
 
 try:
     from srnc_ext import _C  # noqa: F401  (loads the library: its TORCH_LIBRARY_IMPL kernels)

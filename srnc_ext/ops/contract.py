@@ -118,9 +118,9 @@ class OpSet:
         self._impls = impls
 
     @classmethod
-    def of_namespace(cls, namespace: str) -> "OpSet":
+    def of_namespace(cls, namespace: str, name: Optional[str] = None) -> "OpSet":
         ops = getattr(torch.ops, namespace)
-        return cls(namespace, {name: getattr(ops, name) for name in OPS})
+        return cls(name or namespace, {op: getattr(ops, op) for op in OPS})
 
     def normalize_segments(self, x: Tensor, fallback: Tensor, eps: float) -> Tensor:
         check_normalize_segments(x, fallback, float(eps))
@@ -185,20 +185,21 @@ _LIBRARIES: Dict[str, torch.library.Library] = {}  # kept alive: a collected Lib
 
 
 def register(namespace: str, impls: Optional[Dict[str, Callable]] = None,
-             dispatch_keys: Tuple[str, ...] = ("CPU", "CUDA")) -> OpSet:
+             dispatch_keys: Tuple[str, ...] = ("CPU", "CUDA"), name: Optional[str] = None) -> OpSet:
     """Define the ops in ``namespace`` with ``SCHEMAS``, their fake kernels and the autograd of
     ``reweight_forward``; ``impls`` (op name -> function) registers Python implementations for
     ``dispatch_keys`` (the Triton launchers), else the implementations come from elsewhere (the
-    compiled extension's ``TORCH_LIBRARY_IMPL``). Returns the checked entry points."""
+    compiled extension's ``TORCH_LIBRARY_IMPL``). Returns the checked entry points (named ``name``,
+    default the namespace)."""
     if namespace not in _LIBRARIES:
         library = torch.library.Library(namespace, "DEF")
-        for name in OPS:
-            library.define(SCHEMAS[name])
+        for op in OPS:
+            library.define(SCHEMAS[op])
             if impls is not None:
                 for key in dispatch_keys:
-                    library.impl(name, impls[name], key)
-            torch.library.register_fake(f"{namespace}::{name}", _FAKES[name], lib=library)
+                    library.impl(op, impls[op], key)
+            torch.library.register_fake(f"{namespace}::{op}", _FAKES[op], lib=library)
         torch.library.register_autograd(f"{namespace}::reweight_forward", _autograd(namespace),
                                         setup_context=_setup_context, lib=library)
         _LIBRARIES[namespace] = library
-    return OpSet.of_namespace(namespace)
+    return OpSet.of_namespace(namespace, name)

@@ -18,7 +18,7 @@ Tensor = torch.Tensor
 
 __all__ = ["AVAILABLE", "REASON", "normalize_segments", "reweight_forward", "reweight_backward"]
 
-OPS = contract.register("srnc_ext_triton", impls={name: getattr(_kernels, name) for name in contract.OPS})
+OPS = contract.register("srnc_ext_triton", impls={op: getattr(_kernels, op) for op in contract.OPS}, name="triton")
 
 
 def normalize_segments(x: Tensor, fallback: Tensor, eps: float) -> Tensor:
