@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 
 import srnc_ext
 from srnc_ext import reference
-from srnc_ext.operator import ConvGeometry
+from srnc_ext.conv_operator import ConvGeometry
 
 ALPHA, BETA = 2.0, 0.1  # the paper's soft Lipschitz setting
 

@@ -10,7 +10,7 @@ from . import diagnostics, reference, spectral
 from .backends import BACKENDS, get_backend, set_backend
 from .convert import convert, to_conv2d
 from .module import SRNCConv2d
-from .operator import ConvGeometry
+from .conv_operator import ConvGeometry
 from .batched_refresh import mark_fresh, refresh
 
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from .ops import contract, reweight_ref
+from .ops import contract, naive
 
 BACKENDS = ("auto", "cuda", "cpu", "triton", "reference")
 _selected: Optional[str] = None
@@ -72,7 +72,7 @@ def _triton_runs_on(device_type: str) -> bool:
     return _triton().AVAILABLE and (device_type == "cuda" or os.environ.get("TRITON_INTERPRET", "") not in ("", "0"))
 
 
-REFERENCE = contract.OpSet("reference", {name: getattr(reweight_ref, name) for name in contract.OPS})
+REFERENCE = contract.OpSet("reference", {name: getattr(naive, name) for name in contract.OPS})
 
 REGISTRY: Dict[str, Backend] = {b.name: b for b in (
     Backend("compiled", 30, _compiled_runs_on, lambda device: True, lambda: _compiled().OPS,
@@ -133,7 +133,7 @@ def resolve(name: Optional[str], device: torch.device) -> str:
 _RESOLVED: dict = {}  # (name, global choice, device type) -> op set; resolution runs per forward
 
 
-def ops(name: Optional[str], device: torch.device) -> contract.OpSet:
+def op_set(name: Optional[str], device: torch.device) -> contract.OpSet:
     """The ops (``normalize_segments``, ``reweight_forward``, ``reweight_backward``) for ``name`` on ``device``."""
     key = (name, get_backend() if name is None else None, torch.device(device).type)
     op_set = _RESOLVED.get(key)

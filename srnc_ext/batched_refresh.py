@@ -31,7 +31,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .ops import VARIANT_PROJECTED, prepare_constants
-from .operator import ConvGeometry, is_channels_last
+from .conv_operator import ConvGeometry, is_channels_last
 from .power_iteration import PowerIterationState, normal_tensors
 from .precision import no_autocast
 

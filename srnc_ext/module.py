@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from . import backends, batched_refresh as _refresh
-from .ops import VARIANT_PROJECTED, prepare_constants, reweight_ref, variant_code
-from .operator import ConvGeometry, pair
+from .ops import VARIANT_PROJECTED, naive, prepare_constants, variant_code
+from .conv_operator import ConvGeometry, pair
 from .power_iteration import (FRESH_NAME, GRAM_NAMES, SAVED_CONSTANT_NAMES, VECTOR_NAMES, PowerIterationState,
                               normal_tensors, version_of)
 from .precision import compute_dtype, no_autocast
@@ -187,7 +187,7 @@ class SRNCConv2d(nn.Conv2d):
     def ops(self):
         """The op namespace of the backend for the weight's current device (resolved on each use,
         so a layer built on the meta device and moved later gets the compiled ops)."""
-        return backends.ops(self._backend, self.weight.device)
+        return backends.op_set(self._backend, self.weight.device)
 
     _op_impl = ops  # the name this attribute had in srnc_ext 0.1.0
 
@@ -516,7 +516,7 @@ class _Reweight(torch.autograd.Function):
         with no_autocast(grad):
             grad_k = grad.to(dtype).reshape(shape)
             if torch.is_grad_enabled():  # create_graph=True: differentiable in the weight and in grad
-                grad_kernel = reweight_ref.reweight_vjp(grad_k, weight.to(dtype).reshape(shape), *ctx.inputs, *ctx.scalars)
+                grad_kernel = naive.reweight_vjp(grad_k, weight.to(dtype).reshape(shape), *ctx.inputs, *ctx.scalars)
             else:
                 kernel = weight.detach().to(dtype).reshape(shape)
                 grad_kernel = ctx.ops.reweight_backward(grad_k, kernel, *ctx.inputs, ctx.stats, *ctx.scalars)

@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .operator import ConvGeometry
+from .conv_operator import ConvGeometry
 
 VECTOR_NAMES = ("u", "v", "u_out", "v_out")
 # Derived from the vectors: the rank-one kernels and the ops' constants. They are saved too, so a

@@ -31,7 +31,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .operator import ConvGeometry, gram_inner
+from .conv_operator import ConvGeometry, gram_inner
 
 VARIANTS = ("projected", "paper")
 

@@ -2,7 +2,7 @@
 
 A conv layer with kernel ``K (C_out, C_in/groups, kh, kw)`` acting on ``(C_in, H, W)`` inputs
 is the linear map ``W: R^dim_in -> R^dim_out`` described by
-:class:`srnc_ext.operator.ConvGeometry` (padding mode, stride, dilation and groups included).
+:class:`srnc_ext.conv_operator.ConvGeometry` (padding mode, stride, dilation and groups included).
 ``spectrum`` returns its singular values by one of three methods:
 
 * ``"fft"`` -- exact, circulant operators only (circular padding, stride 1, output size =
@@ -32,7 +32,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, svds
 from torch import nn
 
-from .operator import ConvGeometry, SizeLike, pair
+from .conv_operator import ConvGeometry, SizeLike, pair
 
 METHODS = ("auto", "fft", "matrix", "arpack")
 MAX_MATRIX_ENTRIES = 2**24  # largest explicit operator matrix (dim_out * dim_in) "matrix" builds

@@ -83,4 +83,4 @@ def test_backends_are_objects_and_auto_takes_the_best_one_meant_for_the_device()
     assert not registry["triton"].auto_on("cpu")  # the interpreter is a test vehicle, not a CPU backend
     expected = "compiled" if registry["compiled"].runs_on("cpu") else "reference"
     assert backends.resolve("auto", torch.device("cpu")) == expected
-    assert backends.ops("reference", torch.device("cpu")).name == "reference"
+    assert backends.op_set("reference", torch.device("cpu")).name == "reference"

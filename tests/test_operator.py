@@ -5,7 +5,7 @@ import pytest
 import torch
 from oracles import explicit_matrix
 
-from srnc_ext.operator import ConvGeometry
+from srnc_ext.conv_operator import ConvGeometry
 
 MODES = ("zeros", "circular", "reflect", "replicate")
 KERNELS = ((3, 3), (1, 1), (5, 3))

@@ -1,4 +1,4 @@
-"""The compiled ops (``srnc_ext._C``, csrc/) against the pure-PyTorch oracle ``srnc_ext.ops.reweight_ref``.
+"""The compiled ops (``srnc_ext._C``, csrc/) against the pure-PyTorch oracle ``srnc_ext.ops.naive``.
 
 float64 and float32 are compared tightly with the float64 oracle on the same inputs. float16 and
 bfloat16 follow the low-precision rule: the op's error against the float64 oracle (on the
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from srnc_ext import reference
-from srnc_ext.operator import ConvGeometry
-from srnc_ext.ops import compiled, reweight_ref
+from srnc_ext.conv_operator import ConvGeometry
+from srnc_ext.ops import compiled, naive
 
 if not compiled.AVAILABLE:
     pytest.skip(f"srnc_ext._C is not built ({compiled.IMPORT_ERROR}); {compiled.REBUILD_HINT}", allow_module_level=True)
@@ -42,7 +42,7 @@ def _critical_beta_rank(stats, consts, positions, variant):
     """Per layer, the beta_rank at which gamma = 1 (gamma < 1 below it)."""
     s, q, _ = stats.unbind(1)
     d = s + EPS
-    if variant == reweight_ref.VARIANT_PAPER:
+    if variant == naive.VARIANT_PAPER:
         return 1.0 + positions * (q / (d * d) - 2.0 * s / d + consts[:, 0])
     return q / (d * d)  # projected: top + rest
 
@@ -82,19 +82,19 @@ def _build_case(L, shape_id, variant, seed):
     T = shape[2] * shape[3]
     kernel, s1, s1_out = (torch.stack(x).reshape(L, -1, T) for x in (kernels, s1s, s1_outs))
     gram = geometry.kernel_gram()
-    direction, consts = reweight_ref.prepare_constants(s1, s1_out, geometry.kernel_gram_pinv(), variant)
+    direction, consts = naive.prepare_constants(s1, s1_out, geometry.kernel_gram_pinv(), variant)
     positions = float(geometry.output_size[0] * geometry.output_size[1])
     beta_rank = float(geometry.full_rank)
-    if variant != reweight_ref.VARIANT_SN:
-        _, stats = reweight_ref.reweight_forward(kernel, s1, direction, s1_out, gram, consts, ALPHA, beta_rank,
+    if variant != naive.VARIANT_SN:
+        _, stats = naive.reweight_forward(kernel, s1, direction, s1_out, gram, consts, ALPHA, beta_rank,
                                                  positions, EPS, variant)
         crit = _critical_beta_rank(stats, consts, positions, variant).sort().values.tolist()
         if L == 1:
-            beta_rank = 0.5 * (crit[0] + (1.0 if variant == reweight_ref.VARIANT_PAPER else 0.0))
+            beta_rank = 0.5 * (crit[0] + (1.0 if variant == naive.VARIANT_PAPER else 0.0))
         else:  # split at the widest (relative) gap, far from gamma = 1 for every layer
             i = max(range(L - 1), key=lambda j: crit[j + 1] / crit[j])
             beta_rank = (crit[i] * crit[i + 1]) ** 0.5
-        _, b = reweight_ref.coefficients(*stats.unbind(1), *consts.unbind(1), ALPHA, beta_rank, positions, EPS, variant)
+        _, b = naive.coefficients(*stats.unbind(1), *consts.unbind(1), ALPHA, beta_rank, positions, EPS, variant)
         assert (b != 0).any() and (L == 1 or (b == 0).any()), "gamma must straddle 1 across the layers"
     tensors = dict(kernel=kernel, s1=s1, direction=direction, s1_out=s1_out, gram=gram, consts=consts)
     scalars = dict(alpha=ALPHA, beta_rank=beta_rank, positions=positions, eps=EPS, variant=variant)
@@ -104,8 +104,8 @@ def _build_case(L, shape_id, variant, seed):
 def _ref(tensors, scalars, grad, dtype=F64):
     """The oracle's (out, stats, grad_kernel) in ``dtype``."""
     t = {k: v.to(dtype) for k, v in tensors.items()}
-    out, stats = reweight_ref.reweight_forward(**t, **scalars)
-    return out, stats, reweight_ref.reweight_backward(grad.to(dtype), **t, stats=stats, **scalars)
+    out, stats = naive.reweight_forward(**t, **scalars)
+    return out, stats, naive.reweight_backward(grad.to(dtype), **t, stats=stats, **scalars)
 
 
 def _op(tensors, scalars, grad):
@@ -189,10 +189,10 @@ def test_normalize_segments(dtype, device):
     assert got.dtype == dtype and got.shape == x.shape
     if dtype in LOW:
         rounded = (x.to(dtype).float(), fallback.to(dtype).float())
-        baseline = reweight_ref.normalize_segments(*rounded, eps).to(dtype)
-        _assert_close(got, reweight_ref.normalize_segments(x, fallback, eps), dtype, baseline, "normalize_segments")
+        baseline = naive.normalize_segments(*rounded, eps).to(dtype)
+        _assert_close(got, naive.normalize_segments(x, fallback, eps), dtype, baseline, "normalize_segments")
     else:
-        expected = reweight_ref.normalize_segments(x.to(dtype).to(F64), fallback.to(dtype).to(F64), eps)
+        expected = naive.normalize_segments(x.to(dtype).to(F64), fallback.to(dtype).to(F64), eps)
         _assert_close(got, expected, dtype, what="normalize_segments")
     torch.testing.assert_close(got[[2, 4]].cpu(), fallback[[2, 4]].to(dtype), rtol=0, atol=0)
 
@@ -212,10 +212,10 @@ def test_normalize_segments_rows_layout(P, L, M, dtype, device):
     explicit = (segments / segments.norm(dim=1, keepdim=True)).reshape(L, P, M).transpose(0, 1)
     explicit[:, L // 2] = fallback[:, L // 2]
     if dtype in LOW:
-        baseline = reweight_ref.normalize_segments(x.to(dtype).float(), fallback.to(dtype).float(), EPS).to(dtype)
+        baseline = naive.normalize_segments(x.to(dtype).float(), fallback.to(dtype).float(), EPS).to(dtype)
         _assert_close(got, explicit, dtype, baseline, "normalize_segments")
     else:
-        expected = reweight_ref.normalize_segments(x.to(dtype).to(F64), fallback.to(dtype).to(F64), EPS)
+        expected = naive.normalize_segments(x.to(dtype).to(F64), fallback.to(dtype).to(F64), EPS)
         torch.testing.assert_close(expected, explicit.to(dtype).to(F64), rtol=1e-6 if dtype == torch.float32 else 1e-12,
                                    atol=1e-7 if dtype == torch.float32 else 1e-14)
         _assert_close(got, expected, dtype, what="normalize_segments")

@@ -8,9 +8,9 @@ from srnc_ext.ops import contract
 
 BACKENDS = {"reference": backends.REFERENCE}
 if backends.compiled_available("cpu"):
-    BACKENDS["compiled"] = backends.ops("cpu", torch.device("cpu"))
+    BACKENDS["compiled"] = backends.op_set("cpu", torch.device("cpu"))
 if backends.triton_available("cpu"):
-    BACKENDS["triton"] = backends.ops("triton", torch.device("cpu"))
+    BACKENDS["triton"] = backends.op_set("triton", torch.device("cpu"))
 
 
 def _args():

@@ -4,9 +4,9 @@ import torch
 from oracles import refreshed_layers
 
 from srnc_ext import reference
-from srnc_ext.operator import ConvGeometry
-from srnc_ext.ops import coefficients, coefficients_vjp, normalize_segments, prepare_constants, reweight_backward
-from srnc_ext.ops import reweight_forward, variant_code
+from srnc_ext.conv_operator import ConvGeometry
+from srnc_ext.ops import coefficients, coefficients_vjp, prepare_constants, variant_code
+from srnc_ext.ops.naive import normalize_segments, reweight_backward, reweight_forward
 
 
 def _stack(n_layers, variant, beta, padding_mode="zeros", seed=0, shape=(5, 3, 3, 2), size=(7, 6)):

@@ -1,12 +1,12 @@
-"""The Triton ops (interpreter on CPU, or a GPU) against the pure-PyTorch oracle ``reweight_ref``."""
+"""The Triton ops (interpreter on CPU, or a GPU) against the pure-PyTorch oracle ``naive``."""
 import functools
 
 import pytest
 import torch
 from oracles import refreshed_layers
 
-from srnc_ext.operator import ConvGeometry
-from srnc_ext.ops import coefficients, prepare_constants, reweight_ref, triton_ops, variant_code
+from srnc_ext.conv_operator import ConvGeometry
+from srnc_ext.ops import coefficients, naive, prepare_constants, triton_ops, variant_code
 
 pytestmark = pytest.mark.skipif(not triton_ops.AVAILABLE, reason=f"Triton unavailable: {triton_ops.REASON}")
 
@@ -51,8 +51,8 @@ def _strided(x):
 
 
 def _reference(tensors, scalars, grad):
-    out, stats = reweight_ref.reweight_forward(*tensors, *scalars)
-    return out, stats, reweight_ref.reweight_backward(grad, *tensors, stats, *scalars)
+    out, stats = naive.reweight_forward(*tensors, *scalars)
+    return out, stats, naive.reweight_backward(grad, *tensors, stats, *scalars)
 
 
 def _triton(tensors, scalars, grad):
@@ -137,7 +137,7 @@ def test_cases_cover_both_gamma_regimes():
         for case in cases:
             for shape in ("3x3", "5x3", "1x1"):
                 (kernel, s1, direction, s1_out, gram, consts), scalars, _ = _stack(3, shape, case)
-                _, stats = reweight_ref.reweight_forward(kernel, s1, direction, s1_out, gram, consts, *scalars)
+                _, stats = naive.reweight_forward(kernel, s1, direction, s1_out, gram, consts, *scalars)
                 _, b = coefficients(*stats.unbind(1), *consts.unbind(1), *scalars)
                 regimes |= set((b == 0).tolist())
         assert regimes == {True, False}, f"variant {code}"
@@ -153,11 +153,11 @@ def test_normalize_segments_matches_reference(L, N, dtype):
     fallback = torch.randn(N, L, dtype=torch.float64, generator=gen).t().to(dtype)
     got = triton_ops.normalize_segments(_strided(x).to(DEVICE), fallback.to(DEVICE), 1e-12).cpu()
     assert got.dtype == dtype and torch.equal(got[L // 2], fallback[L // 2])
-    want = reweight_ref.normalize_segments(x.double(), fallback.double(), 1e-12)
+    want = naive.normalize_segments(x.double(), fallback.double(), 1e-12)
     if dtype in TOL:
         torch.testing.assert_close(got.double(), want, **TOL[dtype])
     else:
-        base = reweight_ref.normalize_segments(x.float(), fallback.float(), 1e-12).to(dtype)
+        base = naive.normalize_segments(x.float(), fallback.float(), 1e-12).to(dtype)
         assert (got.double() - want).abs().max() <= 2 * (base.double() - want).abs().max() + 1e-5
 
 
@@ -177,7 +177,7 @@ def test_normalize_segments_rows_layout(P, L, M, dtype):
     if dtype in TOL:
         torch.testing.assert_close(got.double(), explicit, **TOL[dtype])
     else:
-        base = reweight_ref.normalize_segments(x.float(), fallback.float(), 1e-12).to(dtype)
+        base = naive.normalize_segments(x.float(), fallback.float(), 1e-12).to(dtype)
         assert (got.double() - explicit).abs().max() <= 2 * (base.double() - explicit).abs().max() + 1e-5
 
 
@@ -191,7 +191,7 @@ def test_opcheck(variant):
     tensors, scalars, grad = _small_args(variant)
     kernel = tensors[0].clone().requires_grad_()
     torch.library.opcheck(torch.ops.srnc_ext_triton.reweight_forward.default, (kernel, *tensors[1:], *scalars))
-    _, stats = reweight_ref.reweight_forward(*tensors, *scalars)
+    _, stats = naive.reweight_forward(*tensors, *scalars)
     torch.library.opcheck(torch.ops.srnc_ext_triton.reweight_backward.default, (grad, *tensors, stats, *scalars))
     for x in (torch.randn(3, 7, dtype=torch.float64, device=DEVICE), torch.randn(4, 3, 5, dtype=torch.float64, device=DEVICE)):
         torch.library.opcheck(torch.ops.srnc_ext_triton.normalize_segments.default, (x, torch.ones_like(x), 1e-12))

@@ -7,7 +7,7 @@ import torch
 from oracles import singular_values, stable_rank
 
 from srnc_ext import SRNCConv2d, reference
-from srnc_ext.operator import ConvGeometry
+from srnc_ext.conv_operator import ConvGeometry
 
 CONVERGED = 400  # power iterations: enough for 1e-3 on these random kernels (gap >~ 2 %)
 
