@@ -29,6 +29,21 @@ def psnr_per_frame(model, clips, task: str, sigma: float, *, seed: int = 1, y_ch
             "mean": sum(per_frame) / len(per_frame)}
 
 
+@torch.no_grad()
+def input_psnr(clips, task: str, sigma: float, *, seed: int = 1) -> float:
+    """Mean PSNR of the degraded input itself over ``clips`` (clamped; bilinearly upsampled for
+    "sr2"), with the noise stream ``psnr_per_frame`` uses: what a model that learned nothing scores."""
+    gen, values = torch.Generator().manual_seed(seed), []
+    for i in range(len(clips)):
+        degraded, target = make_pair(clips[i][None], task, sigma, gen)
+        if task == "sr2":
+            b, t = degraded.shape[:2]
+            degraded = torch.nn.functional.interpolate(degraded.flatten(0, 1), scale_factor=2, mode="bilinear",
+                                                       align_corners=False).unflatten(0, (b, t))
+        values.append(psnr(degraded.clamp(0, 1), target).mean())
+    return float(torch.stack(values).mean())
+
+
 # The long-video test lives in the library (any recurrent model can use it).
 instability_test = diagnostics.instability_onsets
 

@@ -117,7 +117,9 @@ def summary_lines(metrics: Dict) -> list:
         costs = [f"{spec} {e['psnr_T']:.2f} dB ({e['psnr_T'] - ev['none']['psnr_T']:+.2f})" for spec, e in ev.items()
                  if spec != "none"]
         second = (f"2. **Cost.** PSNR_T (last frame, held-out clips): unconstrained {ev['none']['psnr_T']:.2f} dB; "
-                  + "; ".join(costs) + ".")
+                  + "; ".join(costs) + "."
+                  + (f" Mean over the frames: the degraded input itself {metrics['input_psnr']:.2f} dB, the "
+                     f"unconstrained model {ev['none']['mean']:.2f} dB." if "input_psnr" in metrics else ""))
     else:
         second = "2. **Cost.** No unconstrained model in `methods` to compare with."
     sigmas = []

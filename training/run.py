@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                               "(--preset default or smoke; --out defaults to runs/reproduce-<preset>)")
     rep.add_argument("--only", help="comma-separated experiments (default: fig2b,table3,table2,table5,appendixG,"
                                     "appendixEF; also: recipe, the recipe search)")
+    rep.add_argument("--export", metavar="DIR", help="also copy reproduction.md, its figures and the measurement "
+                                                     "records to DIR (e.g. docs/reproduction)")
     return parser
 
 
@@ -179,6 +181,7 @@ def pipeline(config: Config, folder: Path, progress: bool) -> dict:
         print(f"   PSNR_1 {e['psnr_1']:.2f}  PSNR_T {e['psnr_T']:.2f}  mean {e['mean']:.2f} dB; "
               f"{s['instabilities']} instabilities in {s['frames']} frames; TRF: {metrics['trf'][spec]['verdict']}",
               flush=True)
+    metrics["input_psnr"] = evaluate.input_psnr(_eval_clips(config), config.task, config.sigma / 255.0)
     report.write_metrics(folder, metrics)
     report.plot_psnr_per_frame(folder, metrics["eval"])
     report.plot_long_sequence(folder, metrics["instability"])
@@ -195,7 +198,7 @@ def _reproduce(args, argv) -> int:
     folder = args.out or f"runs/reproduce-{args.preset}"
     try:
         reproduce(folder, preset=args.preset, only=args.only, config_file=args.config, overrides=args.set,
-                  command="python -m training.run " + " ".join(argv))
+                  command="python -m training.run " + " ".join(argv), export_to=args.export)
     except KeyboardInterrupt:
         print("\ninterrupted: every finished model and measurement is cached; rerun the same command to resume",
               file=sys.stderr)

@@ -146,3 +146,10 @@ def test_depth_gives_appendix_g_tiny_model_and_shorter_vresnet():
     for name, depth in (("vdncnn-feat", 1), ("vresnet-feat", 0), ("vresnet-feat", 2.0)):
         with pytest.raises(ValueError, match="depth"):
             build_model(name, depth=depth)
+
+
+def test_normal_init_is_the_papers_figure_2b_gaussian():
+    torch.manual_seed(0)
+    model = build_model("vresnet-feat", width=64, init="normal")
+    conv = model.net.body[0].conv1
+    assert abs(float(conv.weight.detach().std()) - 0.1) < 0.005 and not conv.bias.any()

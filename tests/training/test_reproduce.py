@@ -57,9 +57,16 @@ def test_second_run_trains_and_measures_nothing(smoke_folder, monkeypatch):
     monkeypatch.setattr(runner, "train", forbidden)
     monkeypatch.setattr(runner, "measure_model", forbidden)
     monkeypatch.setattr("training.figures.output_norms", forbidden)
-    assert main(["reproduce", "--preset", "smoke", "--out", str(smoke_folder), "--no-progress"]) == 0
+    export = smoke_folder.parent / "export"
+    assert main(["reproduce", "--preset", "smoke", "--out", str(smoke_folder), "--no-progress",
+                 "--export", str(export)]) == 0
     after = (smoke_folder / "reproduction.md").read_text()
     assert _claim_rows(after) == _claim_rows(before)
+    # the export: the report, every figure it links and its records, no checkpoint
+    assert (export / "reproduction.md").read_text() == after
+    linked = [line.split("](")[1].rstrip(")") for line in after.splitlines() if "](" in line]
+    assert linked and all((export / name).is_file() for name in linked)
+    assert len(list((export / "measure").glob("*.json"))) >= 25 and not list(export.rglob("*.pt"))
 
 
 def test_only_unknown_name_lists_the_valid_ones(tmp_path, capsys):
@@ -228,3 +235,21 @@ def test_claim_verdicts_of_the_other_experiments():
     recipe["init=he | none"] = stable
     v = _verdicts({"recipe": recipe})
     assert v["central"][0] == NOT_TESTABLE and "of the 2 tried" in v["central"][1]
+
+
+def test_recipe_rule_prefers_an_unstable_trained_model_then_a_learning_srnc():
+    from training.reproduce.claims import pick_recipe
+
+    levers = [("baseline", {}, ""), ("clip", {"grad_clip": 1.0}, ""), ("he", {"init": "he"}, ""),
+              ("long", {"steps": 6000}, "")]
+    recs = {"baseline | none": _record(psnr=27.0), "baseline | SRN-C 2-1": _record(psnr=8.0),
+            "clip | none": _record(psnr=27.1), "clip | SRN-C 2-1": _record(psnr=26.0),
+            "he | none": _record(psnr=5.0, instabilities=9, trf="unstable", extent=20),
+            "he | SRN-C 2-1": _record(psnr=7.0),
+            "long | none": _record(psnr=29.0, instabilities=9, trf="unstable", extent=20),
+            "long | SRN-C 2-1": _record(psnr=28.5)}
+    assert pick_recipe(recs, levers, 500)[0] == "clip"  # he's model is unstable but did not learn; long is too long
+    recs["he | none"] = _record(psnr=26.0, instabilities=9, trf="unstable", extent=20)
+    assert pick_recipe(recs, levers, 500)[0] == "he"
+    assert pick_recipe(recs, levers, 6000)[0] == "long"
+    assert pick_recipe({}, levers, 500)[0] is None

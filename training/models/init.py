@@ -5,13 +5,15 @@
 - "he": Kaiming normal with the ReLU gain (variance 2/fan_in), zero biases (figure 2b's init).
 - "glorot": Glorot (Xavier) uniform (variance 2/(fan_in + fan_out)), zero biases: TensorFlow's
   default, which the paper's TensorFlow models started from.
+- "normal": N(0, 0.1^2) weights, zero biases: the paper's figure 2b ("initialized with a Gaussian
+  distribution (sigma = 0.1)").
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-INITS = ("default", "he", "glorot")
+INITS = ("default", "he", "glorot", "normal")
 
 
 @torch.no_grad()
@@ -26,8 +28,10 @@ def initialize(model: nn.Module, scheme: str = "default") -> nn.Module:
         if isinstance(conv, nn.Conv2d):
             if scheme == "he":
                 nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-            else:
+            elif scheme == "glorot":
                 nn.init.xavier_uniform_(conv.weight)
+            else:
+                nn.init.normal_(conv.weight, std=0.1)
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
     return model

@@ -133,7 +133,11 @@ def psnr_difference(results: Results, experiment: str, a: str, b: str, *, at_lea
     diff = _psnr_t(ra) - _psnr_t(rb)
     measured = f"PSNR_T {a} {_psnr_t(ra):.2f} - {b} {_psnr_t(rb):.2f} = {diff:+.2f} dB"
     ok = diff >= at_least
-    return measured, REPRODUCED if ok else NOT_REPRODUCED, f"{meaning}: {diff:+.2f} dB {'>=' if ok else '<'} {at_least:+.2f} dB"
+    reason = f"{meaning}: {diff:+.2f} dB {'>=' if ok else '<'} {at_least:+.2f} dB"
+    if at_least < 0 and diff > NO_LOSS_DB:  # a "no significant loss" claim met with a large gain
+        reason += (f"; {a} is {diff:.2f} dB better, so this compares how well the two trained at this scale "
+                   "more than what the constraint costs")
+    return measured, REPRODUCED if ok else NOT_REPRODUCED, reason
 
 
 def sigma_at_alpha(results: Results, experiment: str, labels_alpha: Sequence[Tuple[str, float]]) -> Row:
@@ -171,10 +175,11 @@ def _fig2b(results: Results) -> Row:
     curves = results["fig2b"]["curves"]
     diverging, bounded, wrong = [], [], []
     for name, rms in curves.items():
-        first, last = rms[0], rms[-1]
-        finite = [v for v in rms if math.isfinite(v)]
-        diverges = not math.isfinite(last) or last > 1e3 * first
-        is_bounded = len(finite) == len(rms) and max(finite) <= 10 * first
+        # early: the first 5 frames (a feature-shifting model's second frame already sees a shifted
+        # state); late: the second half
+        early, late = max(rms[:5]), max(rms[len(rms) // 2:])
+        diverges = not all(math.isfinite(v) for v in rms) or late > 1e3 * early
+        is_bounded = not diverges and late <= 10 * early
         recurrent = name.split("-")[1] in ("feat", "frame", "rlsp")
         (diverging if diverges else bounded if is_bounded else []).append(name)
         if (recurrent and not diverges) or (not recurrent and not is_bounded):
@@ -182,7 +187,8 @@ def _fig2b(results: Results) -> Row:
     measured = f"diverge: {', '.join(diverging) or 'none'}; bounded: {', '.join(bounded) or 'none'}"
     if wrong:
         return measured, NOT_REPRODUCED, f"against the claim: {', '.join(wrong)}"
-    return measured, REPRODUCED, "every recurrent model diverges (last RMS > 1e3 x first), every feedforward one stays bounded"
+    return measured, REPRODUCED, ("every recurrent model diverges (non-finite, or its late RMS above 1e3x its first "
+                                  "5 frames'), every feedforward one stays bounded (late RMS within 10x)")
 
 
 def _tests_agree(results: Results) -> Row:
@@ -322,7 +328,10 @@ def _dampening_costs_more(results: Results) -> Row:
     d_damp, d_srnc = _psnr_t(damp) - _psnr_t(none), _psnr_t(srnc) - _psnr_t(none)
     measured = f"PSNR_T vs none: dampening 0.55 {d_damp:+.2f} dB, SRN-C 2-0.1 {d_srnc:+.2f} dB"
     ok = d_damp < d_srnc
-    return measured, REPRODUCED if ok else NOT_REPRODUCED, f"dampening {'costs more' if ok else 'does not cost more'}"
+    reason = f"dampening {'costs more' if ok else 'does not cost more'}"
+    if d_damp > 0:
+        reason += " (both are above the unconstrained model here: neither costs anything at this scale)"
+    return measured, REPRODUCED if ok else NOT_REPRODUCED, reason
 
 
 def _recipe(results: Results) -> Row:
@@ -345,11 +354,42 @@ def _recipe(results: Results) -> Row:
             other = recs.get(f"{lever} | SRN-C 2-1")
             if other is not None and trained(other) and _psnr_t(other) >= _psnr_t(none) - COMPARABLE_DB:
                 comparable.append(lever)
-    measured = (f"tried: {', '.join(tried)}; unconstrained unstable by both tests and trained: "
-                f"{', '.join(hits) or 'none'}; with SRN-C 2-1 within {COMPARABLE_DB:g} dB: {', '.join(comparable) or 'none'}")
+    def names(items):
+        return ", ".join(f"`{item}`" for item in items) or "none"
+
+    measured = (f"tried: {names(tried)}; unconstrained unstable by both tests and trained: {names(hits)}; "
+                f"with SRN-C 2-1 within {COMPARABLE_DB:g} dB too: {names(comparable)}")
+    if hits:  # how well the unstable unconstrained models denoise (their instability may come with poor training)
+        measured += "; their PSNR mean / input PSNR: " + ", ".join(
+            f"{recs[f'{h} | none']['eval']['mean']:.2f} / {recs[f'{h} | none']['input_psnr']:.2f} dB" for h in hits)
     if hits:
         return measured, REPRODUCED, f"{len(hits)} of {len(tried)} recipes make a trained unconstrained model unstable"
     return measured, NOT_TESTABLE, f"no affordable recipe of the {len(tried)} tried made a trained unconstrained model unstable"
+
+
+def pick_recipe(recipe: Dict[str, Dict], levers, max_steps: int) -> Tuple[Optional[str], str]:
+    """The recipe rule, applied to the search's records: among the affordable levers (at most
+    ``max_steps`` training steps, the paper's models, not appendix G's), the one that best meets
+    the search's two goals, in this order: (a) the unconstrained model is trained and unstable by
+    both tests, (b) SRN-C 2-1 is trained and within ``COMPARABLE_DB`` of it on PSNR_T, (c) the
+    highest PSNR_T of SRN-C 2-1 (so that the claims about alpha > 1 are tested on a model that
+    learned). Ties go to the earlier lever. Returns ``(lever, why)``; ``(None, why)`` without records."""
+    best, best_score, why = None, None, "no affordable lever has all its records"
+    for name, change, _ in levers:
+        if change.get("steps", 0) > max_steps or "depth" in change:
+            continue
+        none, other = recipe.get(f"{name} | none"), recipe.get(f"{name} | SRN-C 2-1")
+        if none is None or other is None:
+            continue
+        a = trained(none) and unstable_by_both(none)
+        b = trained(other) and trained(none) and _psnr_t(other) >= _psnr_t(none) - COMPARABLE_DB
+        c = _psnr_t(other) if _diverged(other) is None else -math.inf
+        score = (a, b, c)
+        if best_score is None or score > best_score:
+            best, best_score = name, score
+            why = (f"unconstrained trained and unstable by both tests: {'yes' if a else 'no'}; SRN-C 2-1 within "
+                   f"{COMPARABLE_DB:g} dB: {'yes' if b else 'no'}; SRN-C 2-1 PSNR_T {c:.2f} dB")
+    return best, why
 
 
 # ---------------------------------------------------------------- the claims
@@ -364,7 +404,7 @@ def _s(experiment, *labels):
 CLAIMS: List[Claim] = [
     Claim("fig2b", "fig2b", "untrained: feedforward architectures produce stable outputs while recurrent "
           "architectures diverge", "section 1.1, figure 2b",
-          "recurrent outputs diverge, feedforward bounded (Gaussian init, sigma 0.1; here He init)", _fig2b),
+          "recurrent outputs diverge, feedforward bounded (Gaussian init, sigma 0.1, 50 frames)", _fig2b),
     Claim("central", "recipe", "recurrent models trained in standard conditions become unstable (the paper's "
           "central observation), reproduced with an affordable recipe", "sections 1.1, 3.1",
           "3 of 6 models unstable after 600k steps", _recipe),

@@ -18,31 +18,21 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import report
-from ..data import make_pair
 from .claims import NOT_RUN, VERDICTS, judge, stability
-from .runner import entry_config, model_key
+from .runner import entry_config, library_state, model_key
 
 _INPUT_PSNR: Dict[str, float] = {}
 
 
 def input_psnr(config) -> float:
-    """Mean PSNR of the degraded input itself on the held-out clips (bilinear upsampling for sr2):
-    what a model that learned nothing would score."""
+    """The degraded input's own PSNR on ``config``'s held-out clips (``evaluate.input_psnr``), cached."""
     from .. import run
-    from ..metrics import psnr
+    from ..evaluate import input_psnr as measure
 
     key = json.dumps([config.task, config.sigma, config.crop, config.frames, config.channels, config.eval_clips,
                       config.seed])
     if key not in _INPUT_PSNR:
-        clips, gen, values = run._eval_clips(config), torch.Generator().manual_seed(1), []
-        for i in range(len(clips)):
-            degraded, target = make_pair(clips[i][None], config.task, config.sigma / 255.0, gen)
-            if config.task == "sr2":
-                b, t = degraded.shape[:2]
-                degraded = torch.nn.functional.interpolate(degraded.flatten(0, 1), scale_factor=2, mode="bilinear",
-                                                           align_corners=False).unflatten(0, (b, t))
-            values.append(psnr(degraded.clamp(0, 1), target).mean())
-        _INPUT_PSNR[key] = float(torch.stack(values).mean())
+        _INPUT_PSNR[key] = measure(run._eval_clips(config), config.task, config.sigma / 255.0)
     return _INPUT_PSNR[key]
 
 
@@ -74,6 +64,17 @@ def enrich(folder: Path, base: Dict, entries, records: Dict[str, Dict]) -> Dict[
         rejudge_trf(rec)
         out[entry.label] = rec
     return out
+
+
+def _library_states(results: Dict[str, Dict]) -> Dict[str, int]:
+    counts: Dict[str, int] = {}
+    for name, recs in results.items():
+        if name == "fig2b":
+            continue
+        for rec in recs.values():
+            state = rec.get("library", "not recorded")
+            counts[state] = counts.get(state, 0) + 1
+    return counts
 
 
 def _fmt(value, spec=".2f") -> str:
@@ -136,9 +137,11 @@ def fig2b_section(folder: Path, data: Dict) -> List[str]:
     from ..figures import plot_figure2b
 
     path = plot_figure2b(data["curves"], folder / "fig2b" / "figure2b.png")
-    rows = ["| model | RMS frame 1 | RMS frame 50 | RMS last frame |", "|---|---|---|---|"]
+    settings = data.get("settings", {})
+    rows = [f"Untrained models (`training.figures.output_norms`, {json.dumps(settings)}): output RMS on i.i.d. "
+            "uniform random frames.", "", "| model | RMS frame 1 | RMS frame 10 | RMS last frame |", "|---|---|---|---|"]
     for name, rms in data["curves"].items():
-        rows.append(f"| {name} | {_fmt(rms[0], '.3g')} | {_fmt(rms[min(49, len(rms) - 1)], '.3g')} | "
+        rows.append(f"| {name} | {_fmt(rms[0], '.3g')} | {_fmt(rms[min(9, len(rms) - 1)], '.3g')} | "
                     f"{_fmt(rms[-1], '.3g')} |")
     return rows + ["", f"![figure 2b]({_rel(path, folder)})", ""]
 
@@ -151,15 +154,17 @@ def recipe_section(records: Dict[str, Dict], levers) -> List[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     from .claims import unstable_by_both
 
+    previous = None
     for label, rec in records.items():
         lever, _, method = label.partition(" | ")
+        head = f"`{lever}` | {why.get(lever, '')}" if lever != previous else " | "
+        previous = lever
         t = rec["train"]
         if t.get("diverged_at") is not None:
-            lines.append(f"| {lever} | {why.get(lever, '')} | {method} | diverged at step {t['diverged_at']} | | | | | | | "
-                         f"{t['seconds']:.0f} |")
+            lines.append(f"| {head} | {method} | diverged at step {t['diverged_at']} | | | | | | | {t['seconds']:.0f} |")
             continue
         e, s, trf = rec["eval"], rec["instability"], rec["trf"]
-        lines.append(f"| {lever} | {why.get(lever, '')} | {method} | {e['mean']:.2f} | {e['psnr_T']:.2f} | "
+        lines.append(f"| {head} | {method} | {e['mean']:.2f} | {e['psnr_T']:.2f} | "
                      f"{rec['sigma_max']:.3f} | {s['instabilities']} / {s['frames']} | "
                      f"{_fmt(s['onset_decile_1'], 'g')}-{_fmt(s['onset_decile_9'], 'g')} | "
                      f"{trf['verdict']} ({trf['extent']}, {_fmt(trf['growth'], '.3g')}) | "
@@ -184,6 +189,8 @@ def write(folder: Path, *, base: Dict, recipe: Dict, experiments, results: Dict[
              f"- Command: `{command}`", f"- Date: {date}",
              f"- Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
              f"Python {platform.python_version()}",
+             f"- Library when this report was written: {library_state()}; when the records were measured: "
+             + "; ".join(f"{state} ({n} records)" for state, n in _library_states(results).items()),
              f"- Preset `{preset}`; base configuration (on top of `training.config.Config`): "
              f"`{json.dumps({k: v for k, v in base.items() if k in ('width', 'crop', 'frames', 'batch', 'lr', 'schedule', 'long_frames', 'trf_frames', 'trf_size', 'trf_iters', 'eval_clips', 'sigma', 'seed')})}`",
              f"- Training recipe of the paper experiments: `{json.dumps(recipe)}` (picked by the recipe search below)",
@@ -214,7 +221,19 @@ def write(folder: Path, *, base: Dict, recipe: Dict, experiments, results: Dict[
         if exp.name == "fig2b":
             lines += fig2b_section(folder, recs)
         elif exp.name == "recipe":
-            lines += recipe_section(recs, LEVERS) + [""] + experiment_figures(folder, exp.name, recs)
+            from .claims import pick_recipe
+            from .experiments import BASELINE
+
+            lever, why = pick_recipe(recs, LEVERS, BASELINE["steps"])
+            change = dict(next((c for n, c, _ in LEVERS if n == lever), {}))
+            matches = {**BASELINE, **change} == recipe
+            lines += recipe_section(recs, LEVERS) + [
+                "", f"The recipe rule (`claims.pick_recipe`: among the levers affordable for a whole experiment, "
+                f"at most {BASELINE['steps']} steps, first an unstable trained unconstrained model, then SRN-C 2-1 "
+                f"within 1 dB of it, then the best SRN-C 2-1) picks **{lever}** ({why}); "
+                + ("the paper experiments above use it." if matches else
+                   f"**the paper experiments above use another recipe** (`{json.dumps(recipe)}`)."), "",
+                "The search's models are cached in the folder like the others (figures are left out here)."]
         else:
             lines += experiment_table(recs) + [""] + experiment_figures(folder, exp.name, recs)
     path = folder / "reproduction.md"

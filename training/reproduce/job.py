@@ -20,7 +20,10 @@ from .experiments import BASES, DEFAULT_EXPERIMENTS, EXPERIMENTS, RECIPE
 from .runner import cached_record, run_entry
 from .store import claim_folder, read_json, write_json
 
-FIG2B = {"default": dict(frames=200, size=32, width=16), "smoke": dict(frames=20, size=8, width=4)}
+# figure 2b as the paper draws it: 50 random frames, Gaussian init with sigma 0.1 (width 64, the
+# paper's; 32x32 frames)
+FIG2B = {"default": dict(frames=50, size=32, width=64, init="normal"),
+         "smoke": dict(frames=20, size=8, width=4, init="normal")}
 
 
 def select(only: Optional[str]) -> List[str]:
@@ -75,7 +78,7 @@ def _fig2b(folder: Path, preset: str, compute: bool) -> Optional[Dict]:
 
 def reproduce(folder, *, preset: str = "default", only: Optional[str] = None, config_file: Optional[str] = None,
               overrides: Optional[List[str]] = None, command: str = "python -m training.run reproduce",
-              log: Callable[[str], None] = print) -> Path:
+              log: Callable[[str], None] = print, export_to: Optional[str] = None) -> Path:
     """Run the experiments of ``only`` (default: all six) in ``folder``; returns reproduction.md's path."""
     names = select(only)
     base = base_config(preset, config_file, overrides)
@@ -117,7 +120,34 @@ def reproduce(folder, *, preset: str = "default", only: Optional[str] = None, co
                           command=command, date=time.strftime("%Y-%m-%d %H:%M %Z"), wall_seconds=timings,
                           preset=preset)
     log(f"report: {path}")
+    if export_to:
+        keys = [rec["key"] for name, recs in results.items() if name != "fig2b" for rec in recs.values()]
+        log(f"exported: {export(folder, Path(export_to), keys)}")
     return path
+
+
+def export(folder: Path, dest: Path, keys) -> Path:
+    """Copy ``reproduction.md``, every file it links, the measurement records it was computed from
+    (``measure/<key>.json`` for ``keys``) and the folder's configuration to ``dest`` (no
+    checkpoints). A previous export there is replaced; any other non-empty ``dest`` is refused."""
+    import re
+    import shutil
+
+    folder, dest = Path(folder), Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        if not (dest / "reproduce.json").is_file():
+            raise ValueError(f"--export {dest} is not empty and is not a previous export: choose another folder")
+        shutil.rmtree(dest)
+    text = (folder / "reproduction.md").read_text()
+    files = {"reproduction.md", "reproduce.json", "timings.json"}
+    files |= set(re.findall(r"\]\(([^)]+\.png)\)", text))
+    files |= {f"measure/{key}.json" for key in keys}
+    files |= {str(p.relative_to(folder)) for p in (folder / "fig2b").glob("*.json")}
+    for name in sorted(files):
+        if (folder / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / name, dest / name)
+    return dest / "reproduction.md"
 
 
 def _summary(rec: Dict) -> str:

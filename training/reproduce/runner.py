@@ -15,6 +15,7 @@ model interrupted mid-training resumes from its last checkpoint.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -44,6 +45,26 @@ class Entry:
         bad = sorted(set(self.infer) - set(INFER_KEYS))
         if bad:
             raise ValueError(f"entry {self.label!r}: infer keys must be among {INFER_KEYS}, got {bad}")
+
+
+@functools.lru_cache(maxsize=1)
+def library_state() -> str:
+    """The git commit of the checkout and whether ``srnc_ext``/``csrc`` had uncommitted changes,
+    read once per process (the process runs the library it imported; read-only git calls;
+    "unknown" outside a git checkout)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        diff = subprocess.run(["git", "diff", "HEAD", "--", "srnc_ext", "csrc"], cwd=root, capture_output=True,
+                              timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    if not diff:
+        return f"commit {head}"
+    return f"commit {head} with uncommitted changes to srnc_ext/csrc (diff sha1 {hashlib.sha1(diff).hexdigest()[:10]})"
 
 
 def entry_config(base: Dict, entry: Entry, measure: bool = False) -> Config:
@@ -121,7 +142,8 @@ def run_entry(folder: Path, base: Dict, entry: Entry, log: Callable[[str], None]
     path = folder / "measure" / f"{key}.json"
     record = read_json(path)
     if record is None:
-        record = {"label": entry.label, "method": entry.method, "train_keys": entry.train, "infer": entry.infer}
+        record = {"label": entry.label, "method": entry.method, "train_keys": entry.train, "infer": entry.infer,
+                  "library": library_state()}
         if trained["diverged_at"] is None:
             model_dir = folder / "models" / model_key(entry_config(base, entry), entry)
             model = load_trained(config, entry.method, model_dir / "checkpoint.pt")
