@@ -28,7 +28,6 @@ the output on an older weight, in train or eval, with or without grad.
 """
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from typing import Optional, Tuple
@@ -41,29 +40,11 @@ from .ops import VARIANT_PROJECTED, naive, prepare_constants, variant_code
 from .conv_operator import ConvGeometry, pair
 from .power_iteration import (FRESH_NAME, GRAM_NAMES, SAVED_CONSTANT_NAMES, VECTOR_NAMES, PowerIterationState,
                               normal_tensors, version_of)
+from .hyperparameters import check_alpha, check_beta, check_eps, check_float_dtype, check_iterations, check_variant
 from .precision import compute_dtype, no_autocast
-from .reference import VARIANTS
 
 WARMUP_ITERATIONS = 15
 _LEGACY_EXTRA_STATE = "_extra_state"  # srnc_ext 0.1.0 saved {"input_size", "variant", "fresh"} there
-
-
-def _check_float_dtype(dtype: Optional[torch.dtype]) -> None:
-    if dtype is not None and (not dtype.is_floating_point or dtype.is_complex):
-        raise TypeError(
-            f"dtype must be a floating point dtype (float16, bfloat16, float32, float64), got {dtype}"
-        )
-
-
-def _check_positive_finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _check_iterations(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _functorch_active() -> bool:
@@ -127,20 +108,16 @@ class SRNCConv2d(nn.Conv2d):
         variant: str = "projected",
         backend: Optional[str] = None,
     ) -> None:
-        _check_float_dtype(dtype)
-        alpha = _check_positive_finite("alpha", alpha)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0.0 < beta <= 1.0):
-            raise ValueError(f"beta must be in (0, 1], got {beta!r}")
-        _check_iterations("n_power_iterations", n_power_iterations)
-        eps = _check_positive_finite("eps", eps)
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        check_float_dtype(dtype)
+        alpha, beta, eps = check_alpha(alpha), check_beta(beta), check_eps(eps)
+        check_iterations("n_power_iterations", n_power_iterations)
+        check_variant(variant)
         backends.check_backend(backend)
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
         self.alpha = alpha
-        self.beta = float(beta)
+        self.beta = beta
         self.n_power_iterations = n_power_iterations
         self.eps = eps
         self.variant = variant
@@ -243,7 +220,7 @@ class SRNCConv2d(nn.Conv2d):
             raise RuntimeError("input_size is unknown: pass input_size= or run a forward first")
         if n_iterations is None:
             n_iterations = max(WARMUP_ITERATIONS, self.n_power_iterations)
-        _check_iterations("n_iterations", n_iterations)
+        check_iterations("n_iterations", n_iterations)
         self._allocate(self._geometry)
         _refresh.refresh_layers([self], n_iterations)  # counts as this weight's refresh
 

@@ -32,8 +32,7 @@ from typing import Optional, Tuple
 import torch
 
 from .conv_operator import ConvGeometry, gram_inner
-
-VARIANTS = ("projected", "paper")
+from .hyperparameters import VARIANTS  # the variants its functions accept
 
 
 def normalize_vector(x: torch.Tensor, fallback: torch.Tensor, eps: float) -> torch.Tensor:
