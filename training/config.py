@@ -74,11 +74,15 @@ class Config:
             raise ValueError(f"methods must be a non-empty list of {METHODS} (e.g. srnc-2-0.1), got {self.methods!r}")
         for spec in self.methods:
             parse_method(spec)
+        from srnc_ext import hyperparameters  # the layer's own checks, one home
+
+        hyperparameters.check_alpha(self.alpha)
+        hyperparameters.check_beta(self.beta)
+        hyperparameters.check_variant(self.variant)
+        hyperparameters.check_iterations("n_power_iterations", self.n_power_iterations)
         checks = [
             ("task", self.task in ("denoise", "sr2"), "one of ('denoise', 'sr2')"),
             ("width", self.width >= 1, ">= 1"),
-            ("alpha", self.alpha > 0, "> 0"),
-            ("beta", 0 < self.beta <= 1, "in (0, 1]"),
             ("dampening", 0 <= self.dampening <= 1, "in [0, 1]"),
             ("depth", self.depth is None or self.depth >= (2 if self.model.startswith("vdncnn") else 1),
              "None or >= 2 (vdncnn convs) / >= 1 (vresnet blocks)"),
@@ -100,7 +104,6 @@ class Config:
             ("burst", self.burst is None or self.burst >= 2, "None or >= 2"),
             ("crop_border", self.crop_border >= 0, ">= 0"),
             ("long_frames", self.long_frames >= 1, ">= 1"),
-            ("n_power_iterations", self.n_power_iterations >= 1, ">= 1"),
             ("trf_frames", self.trf_frames >= 3 and self.trf_frames % 2 == 1, "odd and >= 3"),
             ("trf_size", self.trf_size >= 8, ">= 8"),
             ("trf_iters", self.trf_iters >= 1, ">= 1"),

@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 import srnc_ext
-from srnc_ext import SRNCConv2d
+from srnc_ext import SRNCConv2d, hyperparameters
 
 METHODS = ("none", "srnc", "sn", "srn")
 _DEFAULTS = {
@@ -115,15 +115,12 @@ def _check_params(method: str, params: dict) -> dict:
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for method {method!r}; allowed: {sorted(allowed)}")
     p = {**allowed, **params}
-    if "alpha" in p and not (isinstance(p["alpha"], (int, float)) and math.isfinite(p["alpha"]) and p["alpha"] > 0):
-        raise ValueError(f"alpha must be a finite number > 0, got {p['alpha']!r}")
-    if "beta" in p and not (isinstance(p["beta"], (int, float)) and 0 < p["beta"] <= 1):
-        raise ValueError(f"beta must be in (0, 1], got {p['beta']!r}")
-    n = p.get("n_power_iterations", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n_power_iterations must be an int >= 1, got {n!r}")
-    if "eps" in p and not (isinstance(p["eps"], (int, float)) and p["eps"] > 0):
-        raise ValueError(f"eps must be > 0, got {p['eps']!r}")
+    checks = dict(alpha=hyperparameters.check_alpha, beta=hyperparameters.check_beta, eps=hyperparameters.check_eps,
+                  variant=hyperparameters.check_variant,
+                  n_power_iterations=lambda n: hyperparameters.check_iterations("n_power_iterations", n))
+    for name, check in checks.items():
+        if name in p:
+            check(p[name])
     return p
 
 

@@ -110,3 +110,22 @@ def test_bad_method_and_params():
         apply_constraint(_model(), "srnc", n_power_iterations=0)
     with pytest.raises(ValueError, match="alpha"):
         apply_constraint(_model(), "none", alpha=2.0)
+
+
+def test_constraints_and_config_reject_hyperparameters_with_the_layers_messages():
+    """One home for the checks (srnc_ext.hyperparameters): the same message from the layer, the
+    constraint and the run configuration."""
+    import pytest
+    from srnc_ext import SRNCConv2d
+    from training.config import make_config
+    from training.constraints import apply_constraint
+    from training.models import build_model
+
+    for key, value in (("alpha", float("nan")), ("beta", 1.5), ("variant", "literal")):
+        with pytest.raises(ValueError) as layer_error:
+            SRNCConv2d(2, 2, 3, **{key: value})
+        with pytest.raises(ValueError) as constraint_error:
+            apply_constraint(build_model("vresnet-feat", width=4), "srnc", **{key: value})
+        with pytest.raises(ValueError) as config_error:
+            make_config("smoke", None, [f"{key}={value}"])
+        assert str(layer_error.value) == str(constraint_error.value) == str(config_error.value)
