@@ -32,11 +32,14 @@ def write_metrics(folder: Path, metrics: Dict) -> Path:
     return path
 
 
-def _save(fig, ax, path: Path, xlabel: str, ylabel: str) -> Path:
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, outside: bool = False) -> Path:
     plt = _plt()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend()
+    if outside:  # many lines: the legend beside the axes, not over the data
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -53,7 +56,10 @@ def plot_psnr_per_frame(folder: Path, results: Dict[str, Dict]) -> Path:
 
 def plot_long_sequence(folder: Path, results: Dict[str, Dict], name: str = "psnr_long_sequence.png") -> Path:
     """PSNR per frame of the instability test, each onset marked with a star."""
-    fig, ax = _plt().subplots(figsize=(7, 3.2))
+    many = len(results) > 4
+    fig, ax = _plt().subplots(figsize=(10, 3.6) if many else (7, 3.2))
+    if many:
+        ax.set_prop_cycle(color=[_plt().get_cmap("tab20")(i) for i in range(20)])
     for method, r in results.items():
         trace = r["psnr_trace"]
         line, = ax.plot(range(1, len(trace) + 1), trace, lw=0.8, label=f"{method} ({r['instabilities']} instabilities)")
@@ -61,7 +67,7 @@ def plot_long_sequence(folder: Path, results: Dict[str, Dict], name: str = "psnr
         for onset in r["onsets"]:
             position += onset
             ax.plot(position, trace[position - 1], "*", color=line.get_color(), ms=9)
-    return _save(fig, ax, folder / name, "frame", "PSNR (dB, clamped output)")
+    return _save(fig, ax, folder / name, "frame", "PSNR (dB, clamped output)", outside=many)
 
 
 def plot_curves(path: Path, curves: Dict[str, list], xlabel: str, ylabel: str, log: bool = False) -> Path:
