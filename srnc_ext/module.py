@@ -47,6 +47,25 @@ WARMUP_ITERATIONS = 15
 _LEGACY_EXTRA_STATE = "_extra_state"  # srnc_ext 0.1.0 saved {"input_size", "variant", "fresh"} there
 
 
+def _storage_shortfall(tensor) -> Optional[str]:
+    """Why an incoming vector or constant cannot be loaded, or None: a tensor that is not dense
+    (sparse, or a storage holding fewer elements than its shape has, e.g. a stride-0 expanded
+    tensor claiming a huge shape) would make loading allocate buffers of that shape from a tiny
+    file. Anything else (not a tensor, no accessible storage) is left to the shape checks."""
+    if not isinstance(tensor, torch.Tensor):
+        return None
+    if tensor.layout != torch.strided:
+        return f"a {tensor.layout} tensor of shape {tuple(tensor.shape)}, not a dense one"
+    try:
+        held = tensor.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None
+    if held < tensor.numel() * tensor.element_size():
+        return (f"shape {tuple(tensor.shape)} needs {tensor.numel()} elements but its storage holds "
+                f"{held // tensor.element_size()} (an expanded or crafted tensor)")
+    return None
+
+
 def _functorch_active() -> bool:
     """Inside a ``torch.func`` transform (grad, vjp, jvp, vmap, functionalize)."""
     try:
@@ -390,6 +409,10 @@ class SRNCConv2d(nn.Conv2d):
         if legacy.get("variant", self.variant) != self.variant:
             return fail(f" checkpoint has variant={legacy.get('variant')!r}, layer has variant={self.variant!r}")
         vectors = {name: state_dict.get(prefix + name) for name in VECTOR_NAMES}
+        for name in (*VECTOR_NAMES, *SAVED_CONSTANT_NAMES):  # before their shapes size any buffer
+            short = _storage_shortfall(state_dict.get(prefix + name))
+            if short:
+                return fail(f"{name}: refused, {short}")
         if vectors["v"] is None:
             return self._geometry
         if (vectors["u_out"] is not None) != (self.variant == "projected"):

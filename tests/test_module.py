@@ -1,7 +1,10 @@
 """SRNCConv2d: once-per-step updates, gradients against the reference, modes, state, precision."""
+import contextlib
 import copy
 import io
+import os
 import pickle
+import resource
 
 import pytest
 import torch
@@ -133,6 +136,54 @@ def test_load_rejects_mismatched_vectors_without_touching_state():
         layer.load_state_dict(state)
     for name, buf in layer.named_buffers():
         torch.testing.assert_close(buf, before[name], rtol=0, atol=0)
+
+
+@contextlib.contextmanager
+def _address_space_headroom(extra=1 << 30):
+    """Inside, the process may map at most ``extra`` more bytes (RLIMIT_AS): an attempt to allocate
+    what a crafted tensor claims fails there instead of succeeding lazily."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs Linux's /proc to bound the address space")
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = vm + extra if hard == resource.RLIM_INFINITY else min(vm + extra, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_load_refuses_vectors_whose_storage_is_smaller_than_their_shape_without_allocating():
+    """A crafted state_dict (stride-0 expanded vectors claiming a 100000x100000 input: 160 GB in a
+    4-byte storage, a tiny file) is refused naming the key before any buffer of that size is made.
+    With every vector crafted consistently the shape checks alone would accept it and allocate."""
+    huge = (100_000, 100_000)
+    crafted = {"v": {"v": (1, 4, *huge)},
+               "u": {"u": (1, 5, *huge), "v": (1, 4, *huge), "u_out": (1, 5, *huge), "v_out": (1, 4, *huge)}}
+    for refused, vectors in crafted.items():
+        for input_size in (8, None):  # a materialized layer, and one that would take the size from v
+            layer = _layer(input_size=input_size)
+            before = _buffers(layer)
+            state = _layer().state_dict()
+            state.update({name: torch.zeros(1).expand(*shape) for name, shape in vectors.items()})
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            assert buffer.tell() < 100_000
+            buffer.seek(0)
+            shape = vectors[refused]
+            with _address_space_headroom(), pytest.raises(
+                    RuntimeError, match=rf"<layer>\.{refused}: refused, shape \({', '.join(map(str, shape))}\) "
+                                        rf"needs {shape[1] * 10**10} elements but its storage holds 1"):
+                layer.load_state_dict(torch.load(buffer, weights_only=True))
+            assert _buffers(layer).keys() == before.keys()
+            for name, buf in _buffers(layer).items():
+                torch.testing.assert_close(buf, before[name], rtol=0, atol=0)
+    sparse = _layer().state_dict()
+    sparse["u"] = torch.zeros(1, 5, 8, 8).to_sparse()
+    with pytest.raises(RuntimeError, match=r"<layer>\.u: refused, a torch.sparse_coo tensor"):
+        _layer().load_state_dict(sparse)
 
 
 def test_deepcopy_and_pickle_give_identical_outputs():
