@@ -1,13 +1,20 @@
 """Bad input is refused up front with one line naming the file or key (issue 15): config files and
 their JSON types, config values, devices, damaged or foreign checkpoints, crafted tensors that
 would make the loader allocate, corrupt images and frame folders."""
+import contextlib
 import json
 import os
+import resource
 
 import pytest
 import torch
 
-from training.config import PRESETS, Config, check_device_available, coerce, make_config, parse_overrides
+from training import checkpoint
+from training.checkpoint import CheckpointError, check_against, load_checkpoint, save_checkpoint
+from training.config import (PRESETS, Config, check_device_available, coerce, make_config, parse_overrides,
+                             read_config_file)
+from training.constraints import apply_constraint
+from training.models import build_model
 
 WIDTH, SIZE = 4, 8
 
@@ -156,3 +163,229 @@ def test_devices_are_parsed_by_validate_and_checked_for_presence_separately():
 def test_every_preset_is_valid():
     for preset in PRESETS:
         make_config(preset)
+
+
+# ---------------------------------------------------------------- checkpoints
+def _model_and_optimizer(method="srnc"):
+    torch.manual_seed(0)
+    params = dict(input_size=SIZE) if method == "srnc" else {}
+    model = apply_constraint(build_model("vresnet-feat", width=WIDTH), method, **params)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.rand(1, 2, 3, SIZE, SIZE)).square().mean().backward()
+    opt.step()
+    return model, opt
+
+
+def _state(net, opt, **changes):
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "step": 1, "method": "srnc", "config": {"width": WIDTH}}
+    state.update(changes)
+    return state
+
+
+def test_a_good_checkpoint_loads_and_fits(tmp_path):
+    model, opt = _model_and_optimizer()
+    path = save_checkpoint(tmp_path / "good.pt", _state(model, opt, log=[{"step": 1, "loss": 0.5}]))
+    saved = load_checkpoint(path)
+    check_against(saved, model, opt, path)
+    check_against(saved, model, None, path)
+    fresh, fresh_opt = _model_and_optimizer()
+    check_against(saved, fresh, fresh_opt, path)
+    fresh.load_state_dict(saved["model"])
+    fresh_opt.load_state_dict(saved["optimizer"])
+
+
+def _error(path, **kwargs):
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path, **kwargs)
+    message = _one_line(err)
+    assert message.startswith(f"checkpoint {path}")
+    return message
+
+
+def test_missing_directory_and_empty_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:  # also a CheckpointError
+        load_checkpoint(tmp_path / "none.pt")
+    assert isinstance(err.value, CheckpointError) and _one_line(err) == f"checkpoint {tmp_path / 'none.pt'} does not exist"
+    assert "is a directory" in _error(tmp_path)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert "is empty (0 bytes)" in _error(tmp_path / "empty.pt")
+
+
+def test_truncated_and_foreign_files(tmp_path):
+    model, opt = _model_and_optimizer()
+    whole = save_checkpoint(tmp_path / "whole.pt", _state(model, opt)).read_bytes()
+    for size in (10, len(whole) // 2, len(whole) - 30):
+        (tmp_path / "cut.pt").write_bytes(whole[:size])
+        assert "is truncated or corrupt" in _error(tmp_path / "cut.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint at all")
+    assert "is not a PyTorch checkpoint" in _error(tmp_path / "text.pt")
+
+
+def test_a_list_and_other_non_checkpoints(tmp_path):
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    assert "holds a list, not a training checkpoint" in _error(tmp_path / "list.pt")
+    assert load_checkpoint(tmp_path / "list.pt", training=False) == [1, 2, 3]
+    model, opt = _model_and_optimizer()
+    for changes, message in (({"step": -1}, "step must be an integer >= 0, got -1"),
+                             ({"step": True}, "step must be an integer >= 0, got a bool"),
+                             ({"step": 2.0}, "step must be an integer >= 0, got a float"),
+                             ({"method": None}, "method must be a string, got None"),
+                             ({"model": {"weight": [1.0]}}, "model must be a dict of tensors, got a list at 'weight'"),
+                             ({"optimizer": {"lr": 1}}, "optimizer must be an optimizer state_dict"),
+                             ({"log": {"step": 1}}, "log must be a list of dicts, got a dict"),
+                             ({"log": [{"step": 1}, 3]}, "log must be a list of dicts, got a int at log[1]")):
+        torch.save(_state(model, opt, **changes), tmp_path / "bad.pt")
+        assert message in _error(tmp_path / "bad.pt")
+    state = _state(model, opt)
+    del state["scheduler"]
+    torch.save(state, tmp_path / "partial.pt")
+    assert "lacks the key 'scheduler'" in _error(tmp_path / "partial.pt")
+
+
+def _touch(path):
+    open(path, "w").close()
+    return path
+
+
+class _Payload:
+    """A pickle whose loading runs code: creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_touch, (self.marker,))
+
+
+def test_a_pickle_with_code_is_refused_as_unsafe_and_not_executed(tmp_path):
+    marker = tmp_path / "executed"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _Payload(str(marker))}, path)
+    message = _error(path)
+    assert "was refused as unsafe: it pickles GLOBAL " in message and "_touch" in message and "nothing in it was executed" in message
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the control: loading it unsafely does run the payload
+    assert marker.exists()
+
+
+def test_wrong_shapes_missing_and_unexpected_keys_are_named(tmp_path):
+    model, opt = _model_and_optimizer()
+    path = tmp_path / "c.pt"
+    key = next(k for k, v in model.state_dict().items() if v.dim() == 4)
+    cases = []
+    wide = _state(model, opt)
+    wide["model"] = dict(wide["model"], **{key: torch.zeros(3, 3, 3, 3)})
+    cases.append((wide, f"{key!r} has shape (3, 3, 3, 3) there, {tuple(model.state_dict()[key].shape)} in the model"))
+    missing = _state(model, opt)
+    missing["model"] = {k: v for k, v in missing["model"].items() if k != key}
+    cases.append((missing, f"lacks the model key {key!r}"))
+    extra = _state(model, opt)
+    extra["model"] = dict(extra["model"], extra=torch.zeros(1))
+    cases.append((extra, "unexpected model key 'extra'"))
+    ints = _state(model, opt)
+    ints["model"] = dict(ints["model"], **{key: ints["model"][key].long()})
+    cases.append((ints, f"{key!r} is integer (torch.int64) there, floating point (torch.float32) in the model"))
+    groups = _state(model, opt)
+    groups["optimizer"] = {"state": {}, "param_groups": groups["optimizer"]["param_groups"] * 2}
+    cases.append((groups, "2 param group(s) there, 1 here"))
+    moments = _state(model, opt)
+    index = next(iter(moments["optimizer"]["state"]))
+    moments["optimizer"]["state"][index] = dict(moments["optimizer"]["state"][index], exp_avg=torch.zeros(2, 2))
+    cases.append((moments, f"state 'exp_avg' of param {index} has shape (2, 2) there"))
+    for state, message in cases:
+        torch.save(state, path)
+        saved = load_checkpoint(path)
+        with pytest.raises(CheckpointError) as err:
+            check_against(saved, model, opt, path)
+        assert _one_line(err).startswith(f"checkpoint {path}") and message in str(err.value), str(err.value)
+
+
+@contextlib.contextmanager
+def _address_space_headroom(extra=1 << 30):
+    """Inside, the process may map at most ``extra`` more bytes (RLIMIT_AS): an attempt to allocate
+    what a crafted tensor claims fails there instead of succeeding lazily."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs Linux's /proc to bound the address space")
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = vm + extra if hard == resource.RLIM_INFINITY else min(vm + extra, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_a_stride_0_tensor_claiming_a_huge_shape_is_refused_without_allocating(tmp_path):
+    """The crafted-checkpoint attack of issue 15: a tiny file whose vectors claim a huge input size."""
+    model, opt = _model_and_optimizer()
+    layer_key = next(k for k in model.state_dict() if k.endswith(".v"))
+    huge = torch.zeros(1).expand(1, WIDTH, 100_000, 100_000)  # 4e10 elements (160 GB) in a 4-byte storage
+    path = tmp_path / "crafted.pt"
+    torch.save(_state(model, opt, model=dict(model.state_dict(), **{layer_key: huge})), path)
+    assert path.stat().st_size < 1_000_000
+    with _address_space_headroom(), pytest.raises(CheckpointError) as err:
+        check_against(load_checkpoint(path), model, opt, path)
+    assert layer_key in _one_line(err) and "(1, 4, 100000, 100000)" in str(err.value)
+    # the right shape, but not dense: refused too (a crafted file, whatever its shape)
+    right = torch.zeros(1).expand(*model.state_dict()[layer_key].shape)
+    torch.save(_state(model, opt, model=dict(model.state_dict(), **{layer_key: right})), path)
+    with _address_space_headroom(), pytest.raises(CheckpointError) as err:
+        check_against(load_checkpoint(path), model, opt, path)
+    assert f"model key {layer_key!r} is refused: its storage holds 1 element(s)" in _one_line(err)
+    # and the same in the optimizer state
+    state = _state(model, opt)
+    index = next(iter(state["optimizer"]["state"]))
+    shape = state["optimizer"]["state"][index]["exp_avg"].shape
+    state["optimizer"]["state"][index]["exp_avg"] = torch.zeros(1).expand(*shape)
+    torch.save(state, path)
+    if len(shape) and torch.Size(shape).numel() > 1:
+        with pytest.raises(CheckpointError, match=f"optimizer state 'exp_avg' of param {index} is refused"):
+            check_against(load_checkpoint(path), model, opt, path)
+
+
+def test_without_check_against_the_layer_itself_refuses_the_crafted_vectors(tmp_path):
+    """Every vector and constant crafted consistently (what the shape checks alone would accept):
+    ``load_state_dict`` refuses the first one, naming it, within 1 GB of address space."""
+    model, opt = _model_and_optimizer()
+    prefix = next(k for k in model.state_dict() if k.endswith(".v"))[:-1]
+    layer = model.get_submodule(prefix[:-1])
+    assert layer.stride == (1, 1) and 2 * layer.padding[0] == layer.kernel_size[0] - 1  # "same" maps: u as v
+    crafted = dict(model.state_dict())
+    for name, channels in (("u", layer.out_channels), ("v", layer.in_channels), ("u_out", layer.out_channels),
+                           ("v_out", layer.in_channels)):
+        crafted[prefix + name] = torch.zeros(1).expand(1, channels, 100_000, 100_000)
+    path = tmp_path / "crafted.pt"
+    torch.save(_state(model, opt, model=crafted), path)
+    saved = load_checkpoint(path)
+    with _address_space_headroom(), pytest.raises(RuntimeError) as err:
+        model.load_state_dict(saved["model"])
+    assert f"{prefix}u: refused, shape (1, {layer.out_channels}, 100000, 100000)" in str(err.value)
+
+
+def test_save_stays_loadable_without_the_training_keys(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", {"step": 1})
+    assert load_checkpoint(path, training=False) == {"step": 1}
+    assert "lacks the keys" in _error(path)
+    assert checkpoint.TRAINING_KEYS.keys() == {"model", "optimizer", "scheduler", "step", "method", "config"}
+
+
+def test_a_file_that_cannot_be_opened_is_one_line_even_as_root(tmp_path, monkeypatch):
+    """The permission error of an unreadable file (chmod 000 does not stop root), simulated."""
+    import training.checkpoint as checkpoint_module
+    import training.config as config_module
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    path = _config_file(tmp_path, {"steps": 3})
+    monkeypatch.setattr(config_module, "open", refuse, raising=False)
+    with pytest.raises(ValueError) as err:
+        read_config_file(path)
+    assert _one_line(err) == f"config file {path} cannot be read: permission denied"
+    torch.save([1], tmp_path / "c.pt")
+    monkeypatch.setattr(checkpoint_module, "open", refuse, raising=False)
+    assert _error(tmp_path / "c.pt") == f"checkpoint {tmp_path / 'c.pt'} cannot be read: permission denied"
