@@ -6,14 +6,17 @@ import json
 import os
 import resource
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from training import checkpoint
 from training.checkpoint import CheckpointError, check_against, load_checkpoint, save_checkpoint
 from training.config import (PRESETS, Config, check_device_available, coerce, make_config, parse_overrides,
                              read_config_file)
 from training.constraints import apply_constraint
+from training.data import FrameFolder, ImageError, Vimeo90kSeptuplets
 from training.models import build_model
 
 WIDTH, SIZE = 4, 8
@@ -389,3 +392,65 @@ def test_a_file_that_cannot_be_opened_is_one_line_even_as_root(tmp_path, monkeyp
     torch.save([1], tmp_path / "c.pt")
     monkeypatch.setattr(checkpoint_module, "open", refuse, raising=False)
     assert _error(tmp_path / "c.pt") == f"checkpoint {tmp_path / 'c.pt'} cannot be read: permission denied"
+
+
+# ---------------------------------------------------------------- images and frame folders
+def _png(path, h=8, w=8, seed=0):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_a_corrupt_first_frame_is_refused_when_the_folder_is_made(tmp_path):
+    png = _png(tmp_path / "0001.png").read_bytes()
+    (tmp_path / "0001.png").write_bytes(png[:len(png) // 2])  # truncated PNG
+    _png(tmp_path / "0002.png")
+    with pytest.raises(ValueError) as err:
+        FrameFolder(str(tmp_path))
+    assert isinstance(err.value, ImageError) and _one_line(err).startswith(f"cannot read image file {tmp_path / '0001.png'}: ")
+
+
+def test_a_corrupt_later_frame_names_the_file_when_read(tmp_path):
+    _png(tmp_path / "1.png")
+    (tmp_path / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    folder = FrameFolder(str(tmp_path))
+    with pytest.raises(ValueError) as err:
+        list(folder)
+    assert _one_line(err).startswith(f"cannot read image file {tmp_path / '2.png'}: ")
+
+
+def test_frame_folders_that_hold_no_frames(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no frames here")
+    with pytest.raises(FileNotFoundError) as err:
+        FrameFolder(str(tmp_path / "empty"))
+    assert str(tmp_path / "empty") in _one_line(err) and ".png" in str(err.value)
+    a_file = _png(tmp_path / "frame.png")
+    with pytest.raises(FileNotFoundError) as err:
+        FrameFolder(str(a_file))
+    assert _one_line(err) == f"frame folder {a_file} is a file, not a directory of frames"
+    with pytest.raises(FileNotFoundError, match="missing"):
+        FrameFolder(str(tmp_path / "missing"))
+    assert FrameFolder(str(tmp_path), channels=1).size == (8, 8)
+
+
+def test_vimeo_corrupt_images_are_value_errors_naming_the_file(tmp_path):
+    root = tmp_path / "vimeo"
+    d = root / "sequences" / "00001" / "0001"
+    d.mkdir(parents=True)
+    for k in range(1, 8):
+        _png(d / f"im{k}.png", h=16, w=24, seed=k)
+    (root / "sep_trainlist.txt").write_text("00001/0001\n")
+    dataset = Vimeo90kSeptuplets(str(root), "train", crop=8)
+    (d / "im4.png").write_bytes(b"garbage")
+    with pytest.raises(ValueError) as err:
+        dataset[0]
+    assert _one_line(err).startswith(f"cannot read image file {d / 'im4.png'}: ")
+    (d / "im1.png").write_bytes(b"garbage")  # the first image is decoded at construction
+    with pytest.raises(ValueError, match="im1.png"):
+        Vimeo90kSeptuplets(str(root), "train", crop=8)
+    _png(d / "im1.png", h=16, w=24)
+    with pytest.raises(ValueError, match=r"crop 32 larger than the frames .* \(16x24\)"):
+        Vimeo90kSeptuplets(str(root), "train", crop=32)
+    (root / "sep_trainlist.txt").write_bytes(b"\xff\xfe0")
+    with pytest.raises(ValueError, match="is not UTF-8"):
+        Vimeo90kSeptuplets(str(root), "train", crop=8)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .folder import load_image
+from .folder import ImageError, load_image
 
 SEPTUPLET = 7
 LIST_FILES = {"train": "sep_trainlist.txt", "test": "sep_testlist.txt"}
@@ -20,9 +20,16 @@ LIST_FILES = {"train": "sep_trainlist.txt", "test": "sep_testlist.txt"}
 def read_list_file(path):
     """Sequence keys ("00001/0001") from a sep_*list.txt or meta_info file (first token per line)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Vimeo-90k list file not found: {path}")
-    with open(path) as f:
-        keys = [line.split()[0] for line in f if line.strip()]
+        raise FileNotFoundError(f"Vimeo-90k list file not found: {path}"
+                                + (" (it is a directory)" if os.path.isdir(path) else ""))
+    try:
+        with open(path, encoding="utf-8") as f:
+            keys = [line.split()[0] for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"Vimeo-90k list file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                         f"offset {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"Vimeo-90k list file {path} cannot be read: {e.strerror or e}") from None
     if not keys:
         raise ValueError(f"Vimeo-90k list file {path} lists no sequence")
     return keys
@@ -39,8 +46,9 @@ class Vimeo90kSeptuplets(Dataset):
     ``set_epoch(epoch)`` each epoch to draw new crops; seed=None uses torch's global RNG instead.
 
     Every listed sequence and its 7 images are checked to exist at construction (FileNotFoundError
-    naming the first missing path and the number missing); a corrupt image raises OSError naming it
-    when loaded.
+    naming the first missing path and the number missing), and the first image of the first
+    sequence is decoded (``ImageError`` naming it, or ValueError when ``crop`` is larger than it);
+    a corrupt image raises ``ImageError`` (a ValueError and an OSError) naming it when loaded.
     """
 
     def __init__(self, root, split="train", crop=64, list_file=None, frames=SEPTUPLET, seed=0, flips=True):
@@ -75,6 +83,12 @@ class Vimeo90kSeptuplets(Dataset):
             raise FileNotFoundError(
                 f"Vimeo-90k: {len(missing)} listed image(s) missing under {self.root} "
                 f"(list {self.list_file}); first missing: {missing[0]}")
+        first = os.path.join(self._dir(self.keys[0]), names[0])
+        if not os.path.isfile(first):
+            raise ImageError(f"Vimeo-90k image {first} is not a file")
+        h, w = load_image(first, 3).shape[-2:]  # one decode: a folder of non-images is refused here
+        if self.crop is not None and self.crop > min(h, w):
+            raise ValueError(f"crop {self.crop} larger than the frames of {self._dir(self.keys[0])} ({h}x{w})")
 
     def set_epoch(self, epoch):
         """Change the random crops/flips drawn for each item (same seed, new epoch)."""
