@@ -95,9 +95,15 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["srnc_ext", "srnc_ext.*"]),
+    # training/ (the models, data and CLI of `python -m training.run`) ships beside the library: the
+    # benchmarks and docs/ import its models. It is Python only (its clips come from scikit-image's
+    # bundled images), so it needs no package data. srnc_ext never imports it.
+    packages=find_packages(include=["srnc_ext", "srnc_ext.*", "training", "training.*"]),
     install_requires=["torch>=2.6", "numpy", "scipy>=1.8"],
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "training": ["scikit-image>=0.22", "pillow>=10", "matplotlib>=3.7", "tensorboard>=2.14"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
