@@ -1,8 +1,9 @@
 """Models and steps shared by the benchmarks (not tests).
 
-The workload of issue 3 / srnc-notes 4: a VResNet-feat-like feature-recurrent model with 12
-convolutions (input conv, 5 residual blocks of two convs, output conv), batch B, T unrolled
-frames, square crops. Variants of its convolutions:
+The workload of issue 3 / srnc-notes 4: the training package's ``vresnet-feat``
+(``training.models.build_model``: input conv, 5 residual blocks of two convs, output conv, 12
+convolutions of PyTorch's default init; the features of the last block are fed back), batch B,
+T unrolled frames, square crops. Variants of its convolutions:
 
 * ``plain``: ``nn.Conv2d``;
 * ``torch_sn``: ``torch.nn.utils.parametrizations.spectral_norm`` (reshaped kernel);
@@ -26,30 +27,9 @@ from torch.nn.utils import parametrize
 import srnc_ext
 from srnc_ext import reference
 from srnc_ext.conv_operator import ConvGeometry
+from training.models import build_model
 
 ALPHA, BETA = 2.0, 0.1  # the paper's soft Lipschitz setting
-
-
-class VResNetFeat(nn.Module):
-    def __init__(self, width: int, channels: int = 3) -> None:
-        super().__init__()
-        self.width = width
-        self.inp = nn.Conv2d(channels + width, width, 3, padding=1)
-        self.blocks = nn.ModuleList(
-            nn.ModuleList([nn.Conv2d(width, width, 3, padding=1), nn.Conv2d(width, width, 3, padding=1)]) for _ in range(5)
-        )
-        self.out = nn.Conv2d(width, channels, 3, padding=1)
-
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:  # (B, T, C, H, W)
-        b, t, _, h, w = frames.shape
-        state, outputs = frames.new_zeros(b, self.width, h, w), []
-        for i in range(t):
-            x = torch.relu(self.inp(torch.cat([frames[:, i], state], 1)))
-            for conv1, conv2 in self.blocks:
-                x = x + conv2(torch.relu(conv1(x)))
-            state = x
-            outputs.append(frames[:, i] + self.out(x))
-        return torch.stack(outputs, 1)
 
 
 class PerCallSRNC(nn.Module):
@@ -78,7 +58,7 @@ class PerCallSRNC(nn.Module):
 
 def build(kind: str, width: int, size: int, device="cpu", seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = VResNetFeat(width).to(device)
+    model = build_model("vresnet-feat", width=width).to(device)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if kind == "plain":
         pass
