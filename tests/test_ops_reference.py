@@ -1,28 +1,11 @@
 """The coefficient form of the stacked ops against the per-layer autograd reference."""
 import pytest
 import torch
-from oracles import refreshed_layers
+from op_harness import op_case
 
 from srnc_ext import reference
-from srnc_ext.conv_operator import ConvGeometry
-from srnc_ext.ops import coefficients, coefficients_vjp, prepare_constants, variant_code
+from srnc_ext.ops import coefficients, coefficients_vjp
 from srnc_ext.ops.naive import normalize_segments, reweight_backward, reweight_forward
-
-
-def _stack(n_layers, variant, beta, padding_mode="zeros", seed=0, shape=(5, 3, 3, 2), size=(7, 6)):
-    geometry = ConvGeometry.create(shape, size, padding=1, padding_mode=padding_mode)
-    return (geometry, *refreshed_layers(geometry, n_layers, variant, beta, torch.Generator().manual_seed(seed)))
-
-
-def _op_args(geometry, s1, s1_out, variant, beta):
-    code = variant_code(variant, beta)
-    L, T = s1.shape[0], s1.shape[-1] * s1.shape[-2]
-    flat = lambda x: x.reshape(L, -1, T)  # noqa: E731
-    gram = geometry.kernel_gram()
-    direction, consts = prepare_constants(flat(s1), flat(s1_out), geometry.kernel_gram_pinv(), code)
-    h, w = geometry.output_size
-    return flat, code, gram, direction, consts, beta * geometry.full_rank, float(h * w)
-
 
 CASES = [("projected", 1.0), ("projected", 0.3), ("projected", 0.02), ("paper", 0.3), ("paper", 0.02), ("paper", 1.0)]
 
@@ -30,21 +13,21 @@ CASES = [("projected", 1.0), ("projected", 0.3), ("projected", 0.02), ("paper", 
 @pytest.mark.parametrize("variant,beta", CASES, ids=[f"{v}-b{b}" for v, b in CASES])
 @pytest.mark.parametrize("padding_mode", ("zeros", "reflect"))
 def test_stacked_forward_and_backward_match_per_layer_reference(variant, beta, padding_mode):
-    geometry, kernels, s1, s1_out = _stack(3, variant, beta, padding_mode)
-    flat, code, gram, direction, consts, beta_rank, positions = _op_args(geometry, s1, s1_out, variant, beta)
-    alpha, eps = 1.7, 1e-12
+    c = op_case(3, "3x2", "sn" if beta >= 1.0 else variant, None if beta >= 1.0 else beta, padding_mode)
+    geometry, scalars = c.geometry, c.scalars
+    layers = lambda x: x.reshape(3, *geometry.weight_shape)  # noqa: E731  (L, C_out, C_in, kh, kw)
+    kernels, s1, s1_out = (layers(c.tensors[k]) for k in ("kernel", "s1", "s1_out"))
+    alpha, eps = scalars["alpha"], scalars["eps"]
     k = kernels.clone().requires_grad_()
     expected = torch.stack([
         reference.srnc_weight(k[i], s1[i], geometry, alpha=alpha, beta=beta, eps=eps, variant=variant, s1_out=s1_out[i])
         for i in range(3)
     ])
-    grad = torch.randn_like(expected)
+    grad = layers(c.grad)
     (expected * grad).sum().backward()
-    out, stats = reweight_forward(flat(kernels), flat(s1), direction, flat(s1_out), gram, consts,
-                                  alpha, beta_rank, positions, eps, code)
+    out, stats = reweight_forward(**c.tensors, **scalars)
     torch.testing.assert_close(out.view_as(expected), expected.detach(), rtol=1e-10, atol=1e-12)
-    grad_k = reweight_backward(flat(grad), flat(kernels), flat(s1), direction, flat(s1_out), gram, consts, stats,
-                               alpha, beta_rank, positions, eps, code)
+    grad_k = reweight_backward(c.grad, **c.tensors, stats=stats, **scalars)
     torch.testing.assert_close(grad_k.view_as(k), k.grad, rtol=1e-8, atol=1e-10)
 
 
