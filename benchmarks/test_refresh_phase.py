@@ -66,7 +66,7 @@ class _LiteralReference:
 
     def __init__(self, layers):
         self.layers = layers
-        self.vectors = [{name: getattr(m, name).contiguous().clone() for name in m._vector_names} for m in layers]
+        self.vectors = [{name: getattr(m, name).contiguous().clone() for name in m.power_iteration.vector_names} for m in layers]
 
     @torch.no_grad()
     def __call__(self):
