@@ -60,6 +60,8 @@ def plot_figure2b(curves: Dict[str, List[float]], path) -> Path:
     axes[0].set_ylabel("output RMS")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    from .report import save_figure
+
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -1,10 +1,13 @@
 """The run report: metrics JSON, PNG plots (matplotlib, headless) and a short Markdown page."""
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 from typing import Dict
+
+from .run_folder import write_bytes_atomic, write_text_atomic
 
 
 def _plt():
@@ -16,8 +19,8 @@ def _plt():
     return plt
 
 
-def write_metrics(folder: Path, metrics: Dict) -> Path:
-    """``metrics.json`` (``inf`` written as the string "inf")."""
+def write_metrics(folder: Path, metrics: Dict, name: str = "metrics.json") -> Path:
+    """``metrics.json`` (or ``name``; ``inf`` written as the string "inf"), written whole."""
     def clean(value):
         if isinstance(value, dict):
             return {k: clean(v) for k, v in value.items()}
@@ -27,9 +30,7 @@ def write_metrics(folder: Path, metrics: Dict) -> Path:
             return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
         return value
 
-    path = folder / "metrics.json"
-    path.write_text(json.dumps(clean(metrics), indent=1))
-    return path
+    return write_text_atomic(Path(folder) / name, json.dumps(clean(metrics), indent=1))
 
 
 def _save(fig, ax, path: Path, xlabel: str, ylabel: str, outside: bool = False) -> Path:
@@ -42,9 +43,16 @@ def _save(fig, ax, path: Path, xlabel: str, ylabel: str, outside: bool = False) 
         ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def save_figure(fig, path) -> Path:
+    """A PNG written whole (a kill mid-write leaves the previous file, not half a new one)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def plot_psnr_per_frame(folder: Path, results: Dict[str, Dict]) -> Path:
@@ -176,5 +184,5 @@ def write_report(folder: Path, config: Dict, metrics: Dict) -> Path:
         lines += ["", f"![TRF {method}](trf_{method}.png)", "", f"![influence {method}](influence_{method}.png)"]
     lines.append("")
     path = folder / "report.md"
-    path.write_text("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
     return path

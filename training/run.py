@@ -28,37 +28,56 @@ from .config import PRESETS, Config, make_config
 from .constraints import METHODS
 from .data import FrameFolder, SyntheticClips, long_sequence
 from .models import MODEL_NAMES, Bursts
+from .run_folder import RunExists, RunFolderBusy, claim, refuse_existing, write_json_atomic
 from .train import build, load_trained, train
 
 
-def _parser() -> argparse.ArgumentParser:
+COMMON = ("preset", "config", "set", "out", "no_progress", "overwrite")
+
+
+def _common(after: bool) -> argparse.ArgumentParser:
+    """The options every command takes, accepted before or after the subcommand: after it they
+    land under ``<name>_after`` (defaults suppressed) and ``_parse`` merges them."""
+    suffix = "_after" if after else ""
+    default = (lambda value: argparse.SUPPRESS) if after else (lambda value: value)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--preset", default="default", choices=sorted(PRESETS), help="configuration preset")
-    common.add_argument("--config", help="a JSON file of config keys (applied after the preset)")
-    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    common.add_argument("--preset", dest="preset" + suffix, default=default("default"), choices=sorted(PRESETS),
+                        help="configuration preset")
+    common.add_argument("--config", dest="config" + suffix, default=default(None),
+                        help="a JSON file of config keys (applied after the preset)")
+    common.add_argument("--set", dest="set" + suffix, action="append", default=default([]), metavar="KEY=VALUE",
                         help="override a config key (repeatable); keys: " + ", ".join(Config.__dataclass_fields__))
-    common.add_argument("--out", help="run folder (default: runs/<time>-<model>)")
-    common.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser = argparse.ArgumentParser(prog="python -m training.run", description=__doc__, parents=[common],
+    common.add_argument("--out", dest="out" + suffix, default=default(None),
+                        help="run folder (default: runs/<time>-<model>)")
+    common.add_argument("--no-progress", dest="no_progress" + suffix, action="store_true", default=default(False),
+                        help="no progress bar")
+    common.add_argument("--overwrite", dest="overwrite" + suffix, action="store_true", default=default(False),
+                        help="replace what an earlier command wrote under the same names (refused otherwise)")
+    return common
+
+
+def _parser() -> argparse.ArgumentParser:
+    after = _common(after=True)
+    parser = argparse.ArgumentParser(prog="python -m training.run", description=__doc__, parents=[_common(False)],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=f"models: {', '.join(MODEL_NAMES)}; methods: {', '.join(METHODS)}")
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("pipeline", parents=[common], help="the default: train, evaluate, test stability, report")
-    train_p = sub.add_parser("train", parents=[common], help="train one model")
+    sub.add_parser("pipeline", parents=[after], help="the default: train, evaluate, test stability, report")
+    train_p = sub.add_parser("train", parents=[after], help="train one model")
     train_p.add_argument("--method", default="srnc", choices=METHODS)
     train_p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     for name, text in (("eval", "PSNR per frame of a checkpoint"), ("instability", "long-video instability test"),
                        ("spectra", "true spectral norms and stable ranks of a checkpoint's conv layers")):
-        p = sub.add_parser(name, parents=[common], help=text)
+        p = sub.add_parser(name, parents=[after], help=text)
         p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train")
         p.add_argument("--method", default="srnc", choices=METHODS)
-    trf_p = sub.add_parser("trf", parents=[common], help="temporal receptive field diagnostic (section 2.2)")
+    trf_p = sub.add_parser("trf", parents=[after], help="temporal receptive field diagnostic (section 2.2)")
     source = trf_p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint.pt written by train")
     source.add_argument("--model", choices=MODEL_NAMES, help="an untrained model of this name")
     trf_p.add_argument("--method", default="none", choices=METHODS, help="constraint of the model (default none)")
-    sub.add_parser("figure2b", parents=[common], help="output norm of untrained models of every architecture")
-    rep = sub.add_parser("reproduce", parents=[common],
+    sub.add_parser("figure2b", parents=[after], help="output norm of untrained models of every architecture")
+    rep = sub.add_parser("reproduce", parents=[after],
                          help="the paper's experiments at CPU scale, resumable, with reproduction.md "
                               "(--preset default or smoke; --out defaults to runs/reproduce-<preset>)")
     rep.add_argument("--only", help="comma-separated experiments (default: fig2b,table3,table2,table5,appendixG,"
@@ -68,11 +87,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv) -> argparse.Namespace:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for name in COMMON:
+        if hasattr(args, name + "_after"):
+            late = getattr(args, name + "_after")
+            delattr(args, name + "_after")
+            if name == "set":
+                late = args.set + late  # both places: in the order given
+            elif name in ("no_progress", "overwrite"):
+                late = late or getattr(args, name)
+            elif getattr(args, name) != parser.get_default(name) and late != getattr(args, name):
+                parser.error(f"--{name.replace('_', '-')} given twice, before and after the subcommand, "
+                             f"with different values ({getattr(args, name)!r}, {late!r})")
+            setattr(args, name, late)
+    if getattr(args, "resume", False) and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other: continue the run or start it over")
+    return args
+
+
 def _run_folder(args, config: Config) -> Path:
-    folder = Path(args.out) if args.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model}"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-    return folder
+    """The command's folder (not created here: ``run_folder.claim`` does it once the run starts)."""
+    return Path(args.out) if args.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model}"
 
 
 def _eval_clips(config: Config):
@@ -150,43 +187,79 @@ def average_spectrum(config: Config, model, points: int = 100):
     return torch.stack(curves).mean(0).tolist()
 
 
-def pipeline(config: Config, folder: Path, progress: bool) -> dict:
-    """Train, evaluate and test every method of ``config.methods`` (specs like ``srnc-2-0.1``, see
-    ``constraints.parse_method``); a model whose training diverges is recorded and the job goes on."""
+PIPELINE_OUTPUTS = ("config.json", "metrics.json", "report.md")
+
+
+def method_configs(config: Config):
+    """``(spec, method, config)`` for every method of ``config.methods``, each validated."""
     import dataclasses
 
     from .constraints import parse_method
-    from .train import TrainingDiverged
 
-    metrics = {"train": {}, "eval": {}, "instability": {}, "spectra": {}, "average_spectrum": {}, "trf": {},
-               "asked": {}}
+    out = []
     for spec in config.methods:
         method, params = parse_method(spec)
-        cfg = dataclasses.replace(config, **params).validate()
-        metrics["asked"][spec] = {"method": method, "alpha": cfg.alpha, "beta": cfg.beta}
-        print(f"== {spec}: training {cfg.model} for {cfg.steps} steps", flush=True)
-        try:
-            metrics["train"][spec] = train(cfg, method, folder / spec, progress=progress)
-        except TrainingDiverged as err:
-            metrics["train"][spec] = {"method": method, "steps": err.step, "last_loss": err.loss, "diverged_at": err.step}
-            print(f"   {err}: recorded, going on", flush=True)
-            continue
-        model = load_trained(cfg, method, folder / spec / "checkpoint.pt")
-        metrics["eval"][spec] = stage_eval(cfg, model)
-        metrics["instability"][spec] = stage_instability(cfg, model)
-        metrics["spectra"][spec] = stage_spectra(cfg, model)
-        metrics["average_spectrum"][spec] = average_spectrum(cfg, model)
-        metrics["trf"][spec] = stage_trf(cfg, model, folder, spec)
-        e, s = metrics["eval"][spec], metrics["instability"][spec]
-        print(f"   PSNR_1 {e['psnr_1']:.2f}  PSNR_T {e['psnr_T']:.2f}  mean {e['mean']:.2f} dB; "
-              f"{s['instabilities']} instabilities in {s['frames']} frames; TRF: {metrics['trf'][spec]['verdict']}",
-              flush=True)
-    metrics["input_psnr"] = evaluate.input_psnr(_eval_clips(config), config.task, config.sigma / 255.0)
-    report.write_metrics(folder, metrics)
-    report.plot_psnr_per_frame(folder, metrics["eval"])
-    report.plot_long_sequence(folder, metrics["instability"])
-    report.plot_spectra(folder, metrics["spectra"], metrics["average_spectrum"])
-    path = report.write_report(folder, config.to_dict(), metrics)
+        out.append((spec, method, dataclasses.replace(config, **params).validate()))
+    return out
+
+
+def preflight(config: Config, *, long_video: bool = True) -> None:
+    """Everything a run reads, checked before its first step: the device, the training data
+    and the long test video (a bad folder is refused before any model is trained)."""
+    from .config import check_device_available
+    from .train import training_clips
+
+    check_device_available(config.device)
+    training_clips(config)
+    if long_video and config.long_video:
+        FrameFolder(config.long_video, channels=config.channels)
+
+
+def pipeline(config: Config, folder: Path, progress: bool, overwrite: bool = False) -> dict:
+    """Train, evaluate and test every method of ``config.methods`` (specs like ``srnc-2-0.1``, see
+    ``constraints.parse_method``); a model whose training diverges is recorded and the job goes on.
+    Everything is checked first; the folder is locked; a folder with an earlier run is refused
+    unless ``overwrite``."""
+    from .train import TrainingDiverged
+
+    runs = method_configs(config)
+    preflight(config)
+    existing = [folder / name for name in PIPELINE_OUTPUTS] + [folder / spec / "checkpoint.pt" for spec, _, _ in runs]
+    if not overwrite:
+        refuse_existing(existing, "an earlier run's output")
+    with claim(folder) as run:
+        if not overwrite:
+            refuse_existing(existing, "an earlier run's output")  # again, holding the lock
+        write_json_atomic(folder / "config.json", config.to_dict())
+        run.started()
+        metrics = {"train": {}, "eval": {}, "instability": {}, "spectra": {}, "average_spectrum": {}, "trf": {},
+                   "asked": {}}
+        for spec, method, cfg in runs:
+            metrics["asked"][spec] = {"method": method, "alpha": cfg.alpha, "beta": cfg.beta}
+            print(f"== {spec}: training {cfg.model} for {cfg.steps} steps", flush=True)
+            try:
+                metrics["train"][spec] = train(cfg, method, folder / spec, progress=progress, overwrite=overwrite)
+            except TrainingDiverged as err:
+                metrics["train"][spec] = {"method": method, "steps": err.step, "last_loss": err.loss,
+                                          "diverged_at": err.step}
+                print(f"   {err}: recorded, going on", flush=True)
+                continue
+            model = load_trained(cfg, method, folder / spec / "checkpoint.pt")
+            metrics["eval"][spec] = stage_eval(cfg, model)
+            metrics["instability"][spec] = stage_instability(cfg, model)
+            metrics["spectra"][spec] = stage_spectra(cfg, model)
+            metrics["average_spectrum"][spec] = average_spectrum(cfg, model)
+            metrics["trf"][spec] = stage_trf(cfg, model, folder, spec)
+            e, st = metrics["eval"][spec], metrics["instability"][spec]
+            print(f"   PSNR_1 {e['psnr_1']:.2f}  PSNR_T {e['psnr_T']:.2f}  mean {e['mean']:.2f} dB; "
+                  f"{st['instabilities']} instabilities in {st['frames']} frames; TRF: {metrics['trf'][spec]['verdict']}",
+                  flush=True)
+        metrics["input_psnr"] = evaluate.input_psnr(_eval_clips(config), config.task, config.sigma / 255.0)
+        report.write_metrics(folder, metrics)
+        report.plot_psnr_per_frame(folder, metrics["eval"])
+        report.plot_long_sequence(folder, metrics["instability"])
+        report.plot_spectra(folder, metrics["spectra"], metrics["average_spectrum"])
+        path = report.write_report(folder, config.to_dict(), metrics)
     print(f"report: {path}")
     return metrics
 
@@ -195,72 +268,130 @@ def _reproduce(args, argv) -> int:
     from .reproduce import reproduce
 
     argv = sys.argv[1:] if argv is None else argv
-    folder = args.out or f"runs/reproduce-{args.preset}"
-    try:
+    folder = Path(args.out or f"runs/reproduce-{args.preset}")
+    with claim(folder):  # resumable by design: an existing folder is continued, never two at once
         reproduce(folder, preset=args.preset, only=args.only, config_file=args.config, overrides=args.set,
                   command="python -m training.run " + " ".join(argv), export_to=args.export)
-    except KeyboardInterrupt:
-        print("\ninterrupted: every finished model and measurement is cached; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     return 0
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "reproduce":
-        return _reproduce(args, argv)
-    try:
-        config = make_config(args.preset, args.config, args.set)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    command = args.command or "pipeline"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and command != "train":
-        print("error: under torchrun use the `train` subcommand (evaluate afterwards in one process)", file=sys.stderr)
-        return 2
-    folder = _run_folder(args, config)
-    progress = not args.no_progress
-    try:
-        if command == "pipeline":
-            pipeline(config, folder, progress)
-        elif command == "train":
-            summary = train(config, args.method, folder / args.method, resume=args.resume, progress=progress)
-            print(json.dumps(summary, indent=1))
-        elif command == "figure2b":
-            from .figures import output_norms, plot_figure2b
+def _single_stage(command: str, args, config: Config, folder: Path) -> None:
+    """``train``, ``eval``, ``instability``, ``spectra``, ``trf``, ``figure2b``: each writes under
+    its own names (``<command>-<method>.json``, ...) and never replaces an earlier result unless
+    ``--overwrite``."""
+    if command == "train":
+        preflight(config, long_video=False)
+        with claim(folder):
+            summary = train(config, args.method, folder / args.method, resume=args.resume, overwrite=args.overwrite,
+                            progress=not args.no_progress,
+                            on_start=lambda: write_json_atomic(folder / args.method / "config.json", config.to_dict()))
+        print(json.dumps(summary, indent=1))
+        return
+    from .config import check_device_available
 
-            curves = output_norms()
-            report.write_metrics(folder, {"figure2b": curves})
-            print(f"figure: {plot_figure2b(curves, folder / 'figure2b.png')}")
-        elif command == "trf":
-            if args.checkpoint:
-                model = load_trained(config, args.method, args.checkpoint)
-            else:
-                config.model = args.model
-                model = build(config, args.method).eval()
-            name = f"{config.model}-{args.method}"
-            result = stage_trf(config, model, folder, name)
-            report.write_metrics(folder, {"trf": {name: result}})
-            print(json.dumps({k: v for k, v in result.items() if k != "influence"}, indent=1, default=str))
-        else:
+    check_device_available(config.device)
+    if command == "figure2b":
+        outputs = [folder / "figure2b.json", folder / "figure2b.png"]
+        args.overwrite or refuse_existing(outputs, "an earlier figure2b")
+        from .figures import output_norms, plot_figure2b
+
+        curves = output_norms()
+        with claim(folder) as run:
+            args.overwrite or refuse_existing(outputs, "an earlier figure2b")
+            run.started()
+            report.write_metrics(folder, {"figure2b": curves}, name=outputs[0].name)
+            print(f"figure: {plot_figure2b(curves, outputs[1])}")
+        return
+    if command == "trf":
+        if args.checkpoint:
             model = load_trained(config, args.method, args.checkpoint)
-            if command == "spectra":
-                result = {"layers": stage_spectra(config, model), "average_spectrum": average_spectrum(config, model)}
-            else:
-                result = {"eval": stage_eval, "instability": stage_instability}[command](config, model)
-            report.write_metrics(folder, {command: {args.method: result}})
-            print(json.dumps(result if command != "instability" else {k: v for k, v in result.items() if k != "psnr_trace"},
-                             indent=1, default=str))
+        else:
+            config.model = args.model
+            model = build(config, args.method).eval()
+        name = f"{config.model}-{args.method}"
+        outputs = [folder / f"trf-{name}.json", folder / f"trf_{name}.png", folder / f"influence_{name}.png"]
+        args.overwrite or refuse_existing(outputs, "an earlier trf result")
+        with claim(folder) as run:
+            args.overwrite or refuse_existing(outputs, "an earlier trf result")
+            run.started()
+            result = stage_trf(config, model, folder, name)
+            _write_result(outputs[0], command, args, config, result)
+        print(json.dumps({k: v for k, v in result.items() if k != "influence"}, indent=1, default=str))
+        return
+    if config.long_video and command == "instability":
+        FrameFolder(config.long_video, channels=config.channels)  # checked before the model runs
+    model = load_trained(config, args.method, args.checkpoint)
+    output = folder / f"{command}-{args.method}.json"
+    args.overwrite or refuse_existing([output], f"an earlier {command} result")
+    if command == "spectra":
+        result = {"layers": stage_spectra(config, model), "average_spectrum": average_spectrum(config, model)}
+    else:
+        result = {"eval": stage_eval, "instability": stage_instability}[command](config, model)
+    with claim(folder) as run:
+        args.overwrite or refuse_existing([output], f"an earlier {command} result")
+        run.started()
+        _write_result(output, command, args, config, result)
+    print(json.dumps(result if command != "instability" else {k: v for k, v in result.items() if k != "psnr_trace"},
+                     indent=1, default=str))
+
+
+def _write_result(path: Path, command: str, args, config: Config, result) -> None:
+    report.write_metrics(path.parent, {"command": command, "method": args.method,
+                                       "checkpoint": getattr(args, "checkpoint", None), "config": config.to_dict(),
+                                       command: result}, name=path.name)
+
+
+def _os_error(err: OSError) -> str:
+    text = err.strerror or str(err)
+    return f"{text}: {err.filename}" if getattr(err, "filename", None) else text
+
+
+def main(argv=None) -> int:
+    """The CLI; every refusal or failure is one line on stderr (exit 2: bad input or a refused
+    run, 1: the run failed, 128 + signal number: interrupted)."""
+    from .stop_signals import TrainingInterrupted
+    from .train import TrainingDiverged
+
+    args = _parse(argv)
+    command = args.command or "pipeline"
+    try:
+        if command == "reproduce":
+            return _reproduce(args, argv)
+        config = make_config(args.preset, args.config, args.set)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and command != "train":
+            print("error: under torchrun use the `train` subcommand (evaluate afterwards in one process)",
+                  file=sys.stderr)
+            return 2
+        folder = _run_folder(args, config)
+        if command == "pipeline":
+            pipeline(config, folder, not args.no_progress, overwrite=args.overwrite)
+        else:
+            _single_stage(command, args, config, folder)
+    except TrainingInterrupted as err:
+        print(f"\n{err}", file=sys.stderr)
+        return 128 + err.signum
     except KeyboardInterrupt:
-        print("\ninterrupted: the last checkpoint is usable (resume with `train --resume`)", file=sys.stderr)
+        print("\ninterrupted: every finished model and measurement is kept and the last checkpoint is usable "
+              "(`train --resume`; `reproduce` continues when rerun)", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as err:
+    except TrainingDiverged as err:
+        print(f"error: training diverged: {err}", file=sys.stderr)
+        return 1
+    except (RunFolderBusy, RunExists) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FileNotFoundError as err:
+        print(f"error: {err.args[0] if len(err.args) == 1 else _os_error(err)}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full or read-only disk, permissions
+        print(f"error: {_os_error(err)}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("error: out of memory (smaller width, crop, batch or frames?)", file=sys.stderr)
+        return 1
     return 0
 
 

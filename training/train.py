@@ -8,22 +8,24 @@ losses equal an uninterrupted run's on CPU.
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_against, load_checkpoint, save_checkpoint
 from .config import Config
 from .constraints import apply_constraint
 from .data import SyntheticClips, Vimeo90kSeptuplets, make_pair
 from .models import build_model
+from .run_folder import claim, refuse_existing, remove_stale_temporaries
+from .step_log import LOG_FILES, StepLog, records_from_files
+from .stop_signals import TrainingInterrupted, deferred_stop
 
 # config keys a checkpoint must agree on to be resumed or evaluated
 ARCH_KEYS = ("model", "task", "width", "alpha", "beta", "variant", "crop", "depth", "channels")
@@ -108,12 +110,22 @@ def _scheduler(opt, config: Config):
 
 class TrainingDiverged(FloatingPointError):
     """Training diverged at optimizer step ``step`` (0-based): the loss became non-finite (no update
-    is applied then), or the update made a weight non-finite. The last checkpoint is kept."""
+    is applied then), or the update made a weight non-finite. Only finite states are ever written:
+    ``kept`` is the step of the checkpoint left on disk (None: none was written)."""
 
-    def __init__(self, step: int, loss: float):
+    def __init__(self, step: int, loss: float, kept: Optional[int] = None):
         what = f"loss became {loss}" if not math.isfinite(loss) else f"the update made a weight non-finite (loss {loss})"
-        super().__init__(f"{what} at step {step}; the last checkpoint is kept")
-        self.step, self.loss = step, loss
+        where = (f"the last finite checkpoint (step {kept}) is kept" if kept is not None
+                 else "no checkpoint was written (it would not be finite)")
+        super().__init__(f"{what} at step {step}; {where}")
+        self.step, self.loss, self.kept = step, loss, kept
+
+
+def _finite_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> bool:
+    tensors = [t for t in model.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    for state in opt.state.values():
+        tensors += [t for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def check_compatible(saved: Dict, config: Config, method: str, path) -> None:
@@ -125,38 +137,6 @@ def check_compatible(saved: Dict, config: Config, method: str, path) -> None:
         if there != getattr(config, key):
             raise ValueError(f"checkpoint {path} is incompatible: {key}={there!r} there, "
                              f"{getattr(config, key)!r} in this config")
-
-
-class _Logger:
-    """JSONL + CSV (+ TensorBoard when installed) step logs, appended on resume."""
-
-    def __init__(self, folder: Path, resume: bool):
-        folder.mkdir(parents=True, exist_ok=True)
-        mode = "a" if resume else "w"
-        self.jsonl = open(folder / "log.jsonl", mode)
-        self.csv_file = open(folder / "log.csv", mode, newline="")
-        self.csv = csv.writer(self.csv_file)
-        if not resume:
-            self.csv.writerow(["step", "loss", "lr", "seconds"])
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(folder / "tensorboard"))
-        except Exception:  # tensorboard not installed: logs stay JSONL/CSV
-            self.tb = None
-
-    def log(self, step: int, loss: float, lr: float, seconds: float) -> None:
-        self.jsonl.write(json.dumps({"step": step, "loss": loss, "lr": lr, "seconds": seconds}) + "\n")
-        self.csv.writerow([step, loss, lr, round(seconds, 3)])
-        if self.tb is not None:
-            self.tb.add_scalar("loss", loss, step)
-            self.tb.add_scalar("lr", lr, step)
-
-    def close(self) -> None:
-        self.jsonl.close()
-        self.csv_file.close()
-        if self.tb is not None:
-            self.tb.close()
 
 
 def _progress(step: int, total: int, loss: float, start: float, first: int) -> None:
@@ -173,15 +153,24 @@ def _progress(step: int, total: int, loss: float, start: float, first: int) -> N
     sys.stderr.flush()
 
 
-def train(config: Config, method: str, folder, *, resume: bool = False, progress: bool = True,
-          stop_after: Optional[int] = None) -> Dict:
+def train(config: Config, method: str, folder, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, stop_after: Optional[int] = None, on_start: Optional[Callable[[], None]] = None) -> Dict:
     """Train one model; checkpoints and logs go to ``folder``. Returns a summary dict.
 
-    ``stop_after``: stop (with a checkpoint) after that many steps of this call, as an
-    interruption would (used by tests of exact resume).
+    The folder is locked for the run (a second run on it raises ``RunFolderBusy``). A folder that
+    already holds a run is refused (``RunExists``) unless ``resume`` (continue from its checkpoint)
+    or ``overwrite`` (start over). Everything is checked (data, checkpoint, compatibility) before
+    ``on_start()`` is called and the first step runs; a refused run leaves no folder it created.
+    Checkpoints are written only between steps and only when finite; the logs follow them (see
+    ``training.step_log``). The first Ctrl-C or SIGTERM finishes the step, saves and raises
+    ``TrainingInterrupted``. ``stop_after``: stop (with a checkpoint) after that many steps of this
+    call, as an interruption would (used by tests of exact resume).
     """
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run or start it over")
     folder = Path(folder)
     rank, world = distributed_context(config)
+    main_rank = rank == 0
     torch.manual_seed(config.seed)
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -191,14 +180,49 @@ def train(config: Config, method: str, folder, *, resume: bool = False, progress
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     sched = _scheduler(opt, config)
     ckpt_path = folder / "checkpoint.pt"
-    first = 0
-    if resume:
-        saved = load_checkpoint(ckpt_path, map_location=config.device)
-        check_compatible(saved, config, method, ckpt_path)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        first = saved["step"]
+    run_started_here = folder.is_dir()  # by an earlier command (a run killed before its first checkpoint)
+    with (claim(folder) if main_rank else contextlib.nullcontext()) as run:
+        first, records = 0, []
+        if main_rank:
+            remove_stale_temporaries(folder)  # left by a writer that was killed
+        if resume and not ckpt_path.is_file():
+            if not run_started_here:  # a mistyped folder: say so rather than start a run elsewhere
+                raise FileNotFoundError(f"nothing to resume: {ckpt_path} does not exist")
+            print(f"nothing to resume in {folder} (stopped before its first checkpoint): starting at step 0",
+                  file=sys.stderr)
+            resume = False
+        if resume:
+            saved = load_checkpoint(ckpt_path, map_location=config.device)
+            check_compatible(saved, config, method, ckpt_path)
+            check_against(saved, model, opt, ckpt_path)
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            first = saved["step"]
+            # checkpoints of srnc_ext <= 0.2 did not carry their log: take the files' lines up to the step
+            records = saved["log"] if "log" in saved else records_from_files(folder, first)
+        elif main_rank:
+            existing = [folder / name for name in ("checkpoint.pt", *LOG_FILES) if (folder / name).exists()]
+            if existing and not overwrite:
+                refuse_existing(existing, "a training run", "pass --resume to continue it or --overwrite to start over")
+            for path in existing:
+                path.unlink()
+            shutil.rmtree(folder / "tensorboard", ignore_errors=True)
+        if on_start is not None and main_rank:
+            on_start()
+        if run is not None:
+            run.started()
+        log = StepLog(folder, records, write=main_rank, resume=resume)
+        try:
+            return _train_loop(config, method, model, opt, sched, clips, log, ckpt_path, rank, world, first,
+                               resume, progress, stop_after)
+        finally:
+            log.close()
+
+
+def _train_loop(config, method, model, opt, sched, clips, log, ckpt_path, rank, world, first, resume, progress,
+                stop_after) -> Dict:
+    main_rank = rank == 0
     net = model
     if world > 1:  # gradients are averaged over ranks: the global-batch mean, as one process
         import srnc_ext
@@ -206,65 +230,89 @@ def train(config: Config, method: str, folder, *, resume: bool = False, progress
         net = torch.nn.parallel.DistributedDataParallel(model)
         # DDP broadcast rank 0's weights and SRN-C buffers in place: still fresh for each other
         srnc_ext.mark_fresh(model)
-    main_rank = rank == 0
-    logger = _Logger(folder, resume) if main_rank else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.amp and config.device.startswith("cuda")
                 else contextlib.nullcontext())
+    saved_at = first if resume else None
+    loss_value = float("nan")
 
-    def snapshot(step):
-        if not main_rank:
+    def snapshot(step: int, stops) -> None:
+        """Checkpoint, then the log lines it holds; never a non-finite state."""
+        nonlocal saved_at
+        if not main_rank or saved_at == step:
             return
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                    "scheduler": sched.state_dict(), "step": step, "method": method,
-                                    "config": config.to_dict()})
+        if not _finite_state(model, opt):
+            raise TrainingDiverged(step - 1, loss_value, kept=saved_at)
+        with stops.critical():
+            try:
+                save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                            "scheduler": sched.state_dict(), "step": step, "method": method,
+                                            "config": config.to_dict(), "log": log.records})
+                saved_at = step
+                log.flush()
+            except OSError as err:  # a full or read-only disk: say what was being written and what is kept
+                kept = f"the checkpoint of step {saved_at} is kept" if saved_at is not None else "no checkpoint was kept"
+                raise OSError(err.errno, f"{err.strerror or err} while writing the checkpoint of step {step} "
+                                         f"in {ckpt_path.parent} ({kept})") from None
 
     model.train()
-    start, done, loss_value = time.perf_counter(), first, float("nan")
+    start, done = time.perf_counter(), first
     last = config.steps if stop_after is None else min(config.steps, first + stop_after)
-    try:
-        for step in range(first, last):
-            inputs, target = make_batch(config, clips, step, rank, world)
-            with autocast:
-                loss = (net(inputs).float() - target).square().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:  # log the global-batch loss, as a single process would
-                loss = loss.detach().clone()
-                torch.distributed.all_reduce(loss)
-                loss /= world
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):  # before the update: the weights stay finite
-                raise TrainingDiverged(step, loss_value)
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            try:
-                opt.step()
-            except ValueError:  # an SRN-C refresh refuses non-finite weights (a finite loss, inf gradients)
-                if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-                    raise
-                raise TrainingDiverged(step, loss_value) from None
-            sched.step()
-            done = step + 1
-            if main_rank and ((step + 1) % config.log_every == 0 or step + 1 == last):
-                logger.log(step + 1, loss_value, sched.get_last_lr()[0], time.perf_counter() - start)
-            if (step + 1) % config.checkpoint_every == 0:
-                snapshot(step + 1)
-            if progress and main_rank:
-                _progress(step + 1, config.steps, loss_value, start, first)
-    except KeyboardInterrupt:
-        snapshot(done)  # completed steps only: resume repeats the interrupted one
-        if logger:
-            logger.close()
-        raise
-    except TrainingDiverged:
-        if logger:
-            logger.close()
-        raise
-    snapshot(done)
-    if logger:
-        logger.close()
+    with deferred_stop() as stops:
+        between_steps = True  # the state is the one after step `done`: it may be saved
+        try:
+            for step in range(first, last):
+                inputs, target = make_batch(config, clips, step, rank, world)
+                between_steps = False
+                with autocast:
+                    loss = (net(inputs).float() - target).square().mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if world > 1:  # log the global-batch loss, as a single process would
+                    loss = loss.detach().clone()
+                    torch.distributed.all_reduce(loss)
+                    loss /= world
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):  # before the update: the weights stay finite
+                    raise TrainingDiverged(step, loss_value, kept=saved_at)
+                if config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                try:
+                    opt.step()  # SRN-C layers refresh in its post-hook
+                except ValueError:  # an SRN-C refresh refuses non-finite weights (a finite loss, inf gradients)
+                    if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                        raise
+                    raise TrainingDiverged(step, loss_value, kept=saved_at) from None
+                sched.step()
+                done = step + 1
+                between_steps = True
+                if main_rank and (done % config.log_every == 0 or done == last):
+                    log.add(done, loss_value, sched.get_last_lr()[0], time.perf_counter() - start)
+                if done % config.checkpoint_every == 0:
+                    snapshot(done, stops)
+                if progress and main_rank:
+                    _progress(done, config.steps, loss_value, start, first)
+                if _stop_agreed(stops, world):
+                    break
+            snapshot(done, stops)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:  # raised by code or a second Ctrl-C: save only a consistent state
+            if between_steps:
+                snapshot(done, stops)
+            raise
+        if stops.requested and done < config.steps:
+            raise TrainingInterrupted(done, stops.signum, ckpt_path)
     return {"method": method, "steps": done, "last_loss": loss_value, "seconds": time.perf_counter() - start,
             "checkpoint": str(ckpt_path)}
+
+
+def _stop_agreed(stops, world: int) -> bool:
+    """Whether to stop after this step; under torchrun every rank stops at the same step."""
+    if world == 1:
+        return stops.requested
+    flag = torch.tensor([float(stops.requested)])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def load_trained(config: Config, method: str, path) -> torch.nn.Module:
@@ -272,5 +320,6 @@ def load_trained(config: Config, method: str, path) -> torch.nn.Module:
     saved = load_checkpoint(path, map_location=config.device)
     check_compatible(saved, config, method, path)
     model = build(config, method)
+    check_against(saved, model, None, path)  # shapes and sizes before anything is allocated
     model.load_state_dict(saved["model"])
     return model.eval()

@@ -124,7 +124,7 @@ def test_stage_subcommands(tmp_path):
     ckpt = str(out / "srnc" / "checkpoint.pt")
     for command in ("eval", "instability", "spectra"):
         assert main([command, "--checkpoint", ckpt, "--method", "srnc", *sets, "--out", str(out / command)]) == 0
-        assert (out / command / "metrics.json").is_file()
+        assert json.loads((out / command / f"{command}-srnc.json").read_text())[command]
 
 
 def test_help_lists_models_and_methods(capsys):
@@ -141,7 +141,7 @@ def test_trf_subcommand_on_an_untrained_model_and_a_checkpoint(tmp_path):
     assert main(["train", "--method", "none", *sets, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
     assert main(["trf", "--checkpoint", str(tmp_path / "b" / "none" / "checkpoint.pt"), "--method", "none",
                  *sets, "--out", str(tmp_path / "c")]) == 0
-    trf = json.loads((tmp_path / "c" / "metrics.json").read_text())["trf"]["vresnet-feat-none"]
+    trf = json.loads((tmp_path / "c" / "trf-vresnet-feat-none.json").read_text())["trf"]
     assert trf["verdict"] in ("unstable", "inconclusive", "no instability found") and trf["influence"][-1] == 0
 
 
@@ -163,7 +163,7 @@ def test_eval_burst_by_burst_and_y_channel_options(tmp_path):
                   ["--set", "y_channel=true", "--set", "crop_border=2"]):
         out = tmp_path / f"e{len(results)}"
         assert main(["eval", "--checkpoint", ckpt, "--method", "none", *sets, *extra, "--out", str(out)]) == 0
-        results[len(results)] = json.loads((out / "metrics.json").read_text())["eval"]["none"]["per_frame"]
+        results[len(results)] = json.loads((out / "eval-none.json").read_text())["eval"]["per_frame"]
     assert results[1][:2] == results[0][:2] and results[1][2] != results[0][2]  # frame 2 starts a new burst
     assert results[3] != results[0]
 

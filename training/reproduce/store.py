@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from ..run_folder import LOCK_NAME
+
 
 def _clean(value):
     """JSON has no inf/nan: store them as strings ("inf", "-inf", "nan")."""
@@ -92,7 +94,7 @@ def claim_folder(folder, identity: Dict) -> Path:
     path = folder / "reproduce.json"
     saved = read_json(path)
     if saved is None:
-        if folder.is_dir() and any(folder.iterdir()):
+        if folder.is_dir() and any(item.name != LOCK_NAME for item in folder.iterdir()):
             raise ValueError(f"{folder} is not empty and is not a reproduce folder (no reproduce.json): "
                              "choose another --out")
         write_json(path, identity)
