@@ -135,6 +135,12 @@ class Config:
         _parse_device(self.device)
         return self
 
+    @property
+    def input_size(self) -> int:
+        """The side of the maps the model's convs see in training: the crop, halved for ``sr2``
+        (the model runs on the downsampled frames)."""
+        return self.crop // 2 if self.task == "sr2" else self.crop
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -147,7 +147,7 @@ def stage_spectra(config: Config, model):
     """Per layer: sigma_1 and stable rank of the true operator (``srnc_ext.spectral``)."""
     from srnc_ext import spectral
 
-    size = config.crop // 2 if config.task == "sr2" else config.crop
+    size = config.input_size
     return [vars(row) for row in spectral.model_report(model.cpu(), size)]
 
 
@@ -172,7 +172,7 @@ def average_spectrum(config: Config, model, points: int = 100):
     each layer's sorted spectrum resampled to ``points`` positions in [0, 1]."""
     from srnc_ext import spectral
 
-    size = config.crop // 2 if config.task == "sr2" else config.crop
+    size = config.input_size
     curves = []
     for conv in model.modules():
         if not isinstance(conv, torch.nn.Conv2d) or conv.stride != (1, 1):

@@ -36,7 +36,7 @@ def build(config: Config, method: str) -> torch.nn.Module:
     """The model of ``config`` with constraint ``method`` applied (on ``config.device``)."""
     model = build_model(config.model, task=config.task, width=config.width, dampening=config.dampening,
                         depth=config.depth, channels=config.channels, init=config.init)
-    size = config.crop // 2 if config.task == "sr2" else config.crop
+    size = config.input_size
     params = {}
     if method == "srnc":
         params = dict(alpha=config.alpha, beta=config.beta, variant=config.variant,

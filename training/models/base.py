@@ -1,8 +1,9 @@
-"""The video model protocol shared by every model (diagnostics rely on it).
+"""What every model of the training package offers, on top of the recurrent step protocol that
+``srnc_ext.diagnostics`` states and relies on (``model.step(x_t, state) -> (y_t, state)``, ``state=None``
+the zero state; stated there once).
 
-- ``model.step(x_t, state) -> (y_t, state)``: ``x_t`` (B, C, H, W), ``y_t`` (B, C, s*H, s*W);
-  ``state=None`` is the zero initial state (``model.init_state(x_t)``). A state is a tensor or a
-  tuple of tensors (layouts per kind in ``recurrent.py`` / ``feedforward.py``).
+- ``step``: ``y_t`` is (B, C, s*H, s*W); ``state=None`` is ``model.init_state(x_t)``. A state is a
+  tensor or a tuple of tensors (layouts per kind in ``recurrent.py`` / ``feedforward.py``).
 - ``model(x)``: ``x`` (B, T, C, H, W) -> (B, T, C, s*H, s*W), exactly stepping frame by frame
   from ``state=None``.
 - ``model.scale`` (1 for "denoise", 2 for "sr2"), ``model.recurrent`` (whether the state depends

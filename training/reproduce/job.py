@@ -8,13 +8,11 @@ the folder (e.g. a recipe search run earlier with ``--only recipe``).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from ..config import Config, _coerce
+from ..config import Config, parse_overrides, read_config_file
 from . import document
 from .experiments import BASES, DEFAULT_EXPERIMENTS, EXPERIMENTS, RECIPE
 from .runner import cached_record, run_entry
@@ -44,22 +42,8 @@ def base_config(preset: str, config_file: Optional[str] = None, overrides: Optio
         raise ValueError(f"reproduce presets are {', '.join(BASES)}, got {preset!r}")
     values = {**Config().to_dict(), **BASES[preset]}
     if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = json.loads(path.read_text())
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a JSON object")
-        values.update(loaded)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        values[key.strip()] = _coerce(key.strip(), text.strip())
-    names = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
+        values.update(read_config_file(config_file))  # typed, one line naming the file on any problem
+    values.update(parse_overrides(overrides))
     return Config(**values).validate().to_dict()
 
 
