@@ -346,6 +346,13 @@ def _os_error(err: OSError) -> str:
     return f"{text}: {err.filename}" if getattr(err, "filename", None) else text
 
 
+INTERRUPTED = {  # what an interruption leaves, per command
+    "pipeline": "the checkpoints of the models trained so far are kept; rerun with --overwrite to start over",
+    "train": "the last checkpoint is kept (continue with `train --resume`)",
+    "reproduce": "every finished model and measurement is cached; rerun the same command to resume",
+}
+
+
 def main(argv=None) -> int:
     """The CLI; every refusal or failure is one line on stderr (exit 2: bad input or a refused
     run, 1: the run failed, 128 + signal number: interrupted)."""
@@ -371,8 +378,7 @@ def main(argv=None) -> int:
         print(f"\n{err}", file=sys.stderr)
         return 128 + err.signum
     except KeyboardInterrupt:
-        print("\ninterrupted: every finished model and measurement is kept and the last checkpoint is usable "
-              "(`train --resume`; `reproduce` continues when rerun)", file=sys.stderr)
+        print(f"\ninterrupted: {INTERRUPTED.get(command, 'nothing was written')}", file=sys.stderr)
         return 130
     except TrainingDiverged as err:
         print(f"error: training diverged: {err}", file=sys.stderr)
