@@ -1,5 +1,5 @@
-"""What only the compiled ops (``srnc_ext._C``, csrc/) have: the C++ ``TORCH_CHECK`` guards behind
-``torch.ops.srnc_ext`` called directly, and the CUDA build. Their numerics, layouts, opcheck and
+"""What only the compiled ops (``srnc_ext._C`` or its first-use build, srnc_ext/csrc/) have: the C++
+``TORCH_CHECK`` guards behind ``torch.ops.srnc_ext`` called directly, and the CUDA build. Their numerics, layouts, opcheck and
 contract are tested with the other backends in ``test_ops_backends.py``."""
 import os
 import re

@@ -21,8 +21,8 @@ and ``(gs, gq, gp) = coefficients_vjp(...)``,
 Variants (``VARIANT_*``): 0 = spectral normalization only (beta = 1), 1 = paper (Algorithm 2
 literally), 2 = projected with renormalization. Clamps use ``tiny = finfo(dtype).tiny``
 exactly like ``srnc_ext.reference``; ``min(gamma, 1)`` passes gradient only where gamma < 1.
-The C++/CUDA (``csrc/srnc_coefficients.h``) and Triton (``triton_kernels.py``) versions are
-line-by-line transcriptions of these two functions.
+The C++/CUDA (``srnc_ext/csrc/srnc_coefficients.h``) and Triton (``triton_kernels.py``) versions
+are line-by-line transcriptions of these two functions.
 """
 from __future__ import annotations
 
