@@ -1,44 +1,68 @@
-"""The compiled (C++/CUDA, ``csrc/``) backend of the stacked SRN-C ops: ``torch.ops.srnc_ext.*``.
+"""The compiled (C++/CUDA, ``srnc_ext/csrc/``) backend of the stacked SRN-C ops: ``torch.ops.srnc_ext.*``.
 
-The namespace, schemas, fake kernels and autograd come from ``contract.register``; importing
-``srnc_ext._C`` then adds the CPU (and, when built with CUDA, the CUDA) kernels
-(``TORCH_LIBRARY_IMPL``). If the extension is missing, ``AVAILABLE`` is False, ``IMPORT_ERROR``
-says why and the entry points raise; ``warn_unavailable()`` warns once.
+The namespace, schemas, fake kernels and autograd come from ``contract.register``; loading the
+library then adds the CPU (and, when built with CUDA, the CUDA) kernels (``TORCH_LIBRARY_IMPL``).
+The library is ``srnc_ext._C`` when it was built ahead of time (``pip install --no-build-isolation``);
+when no ``_C`` is installed (``pip install .`` under build isolation), ``_jit_build.load`` compiles
+it at first use against the installed torch, or loads it from torch's extension cache
+(``SRNC_JIT=0`` forbids that). ``ORIGIN`` says which (``"ahead-of-time"`` or ``"first-use"``). If
+neither works, ``AVAILABLE`` is False, ``IMPORT_ERROR`` says why and the entry points raise;
+``warn_unavailable()`` warns once (the backends then use the pure-PyTorch reference ops).
 """
 from __future__ import annotations
 
+import importlib.util
 import warnings
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
+from .. import _jit_build
 from . import contract
 
 OPS = contract.register("srnc_ext", name="compiled")  # before the extension registers its kernels for these schemas
 
-try:
-    from srnc_ext import _C  # noqa: F401  (loads the library: its TORCH_LIBRARY_IMPL kernels)
-except (ImportError, OSError) as exc:  # not built, or built against another torch
-    AVAILABLE, IMPORT_ERROR = False, exc
-else:
-    AVAILABLE, IMPORT_ERROR = True, None
-
-Tensor = torch.Tensor
-REBUILD_HINT = (
+AHEAD_OF_TIME_HINT = (
     "rebuild it from the repository root with `pip install --no-build-isolation -e .` "
     "(SRNC_BUILD_CUDA=1 requires the CUDA kernels, SRNC_BUILD_CUDA=0 builds the CPU ones only)"
 )
+FIRST_USE_HINT = (
+    "srnc_ext compiles them at first use where a C++ compiler and ninja are installed (SRNC_JIT=1, the "
+    "default), or install with `pip install --no-build-isolation .` to compile them ahead of time"
+)
+
+
+def _load() -> Tuple[str, Optional[BaseException]]:
+    """(origin, error): the installed ``srnc_ext._C``, else the first-use build; ``error`` None if loaded."""
+    if importlib.util.find_spec("srnc_ext._C") is None:
+        try:
+            _jit_build.load()
+        except Exception as exc:  # noqa: BLE001  (whatever the build does, srnc_ext must import: the reference runs)
+            return "first-use", exc
+        return "first-use", None
+    try:
+        from srnc_ext import _C  # noqa: F401  (loads the library: its TORCH_LIBRARY_IMPL kernels)
+    except (ImportError, OSError) as exc:  # built against another torch, or damaged
+        return "ahead-of-time", exc
+    return "ahead-of-time", None
+
+
+ORIGIN, IMPORT_ERROR = _load()
+AVAILABLE = IMPORT_ERROR is None
+REBUILD_HINT = AHEAD_OF_TIME_HINT if ORIGIN == "ahead-of-time" else FIRST_USE_HINT
+
+Tensor = torch.Tensor
 _warned = False
 
 
 def warn_unavailable() -> None:
-    """Warn, once per process, that the compiled ops are missing and how to rebuild them."""
+    """Warn, once per process, that the compiled ops are missing, why, and how to get them."""
     global _warned
     if AVAILABLE or _warned:
         return
     _warned = True
-    warnings.warn(f"srnc_ext: the compiled ops (srnc_ext._C) are unavailable ({IMPORT_ERROR}); {REBUILD_HINT}",
-                  RuntimeWarning, stacklevel=2)
+    warnings.warn(f"srnc_ext: the compiled ops are unavailable ({IMPORT_ERROR}); using the pure-PyTorch reference "
+                  f"ops instead; {REBUILD_HINT}", RuntimeWarning, stacklevel=2)
 
 
 def has_cuda_kernels() -> bool:
@@ -48,7 +72,7 @@ def has_cuda_kernels() -> bool:
 
 def _require() -> None:
     if not AVAILABLE:
-        raise RuntimeError(f"srnc_ext: the compiled ops (srnc_ext._C) are unavailable; {REBUILD_HINT}") from IMPORT_ERROR
+        raise RuntimeError(f"srnc_ext: the compiled ops are unavailable ({IMPORT_ERROR}); {REBUILD_HINT}") from IMPORT_ERROR
 
 
 def normalize_segments(x: Tensor, fallback: Tensor, eps: float) -> Tensor:
