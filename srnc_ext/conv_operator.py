@@ -142,20 +142,43 @@ class ConvGeometry:
             padding_mode=conv.padding_mode,
         )
 
-    def _validate_size(self) -> None:
-        h, w = self.input_size
-        (kh, kw), (dh, dw) = self.kernel_size, self.dilation
-        ext_h, ext_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-        if h < ext_h or w < ext_w:
-            raise ValueError(
-                f"input_size={self.input_size} is smaller than the dilated kernel ({ext_h}, {ext_w}); "
-                f"input_size must be at least ({ext_h}, {ext_w})"
-            )
+    @property
+    def min_input_size(self) -> IntPair:
+        """The smallest ``(H, W)`` at which ``nn.Conv2d`` runs this layer (and so the operator exists).
+
+        PyTorch's limits: the padded map must hold the dilated kernel (conv2d, every mode);
+        reflect padding must be smaller than the input on each side, circular padding at most
+        the input (F.pad: it wraps around once). Zero and replicate padding accept any map that
+        the kernel fits once padded, maps smaller than the kernel included.
+        """
         left, right, top, bottom = self.pad
-        if self.padding_mode == "reflect" and (max(left, right) >= w or max(top, bottom) >= h):
-            raise ValueError(f"reflect padding {self.pad} must be smaller than input_size={self.input_size}")
-        if self.padding_mode == "circular" and (max(left, right) > w or max(top, bottom) > h):
-            raise ValueError(f"circular padding {self.pad} must not exceed input_size={self.input_size}")
+        sizes = []
+        for k, d, low, high in ((*self.kernel_size[:1], self.dilation[0], top, bottom),
+                                (self.kernel_size[1], self.dilation[1], left, right)):
+            smallest = max(1, d * (k - 1) + 1 - low - high)
+            if self.padding_mode == "reflect":
+                smallest = max(smallest, max(low, high) + 1)
+            elif self.padding_mode == "circular":
+                smallest = max(smallest, max(low, high))
+            sizes.append(smallest)
+        return tuple(sizes)  # type: ignore[return-value]
+
+    def _validate_size(self) -> None:
+        """Refuse exactly the sizes at which ``nn.Conv2d`` itself fails, naming PyTorch's limit."""
+        (h, w), (min_h, min_w) = self.input_size, self.min_input_size
+        if h >= min_h and w >= min_w:
+            return
+        left, right, top, bottom = self.pad
+        (kh, kw), (dh, dw) = self.kernel_size, self.dilation
+        limits = [f"the padded map must hold the dilated kernel ({dh * (kh - 1) + 1}, {dw * (kw - 1) + 1}) (conv2d)"]
+        if self.padding_mode == "reflect":
+            limits.append("reflect padding must be smaller than the input on each side (F.pad)")
+        elif self.padding_mode == "circular":
+            limits.append("circular padding must not exceed the input on any side (F.pad: it wraps around once)")
+        raise ValueError(
+            f"input_size={self.input_size} is too small for padding_mode={self.padding_mode!r} with padding "
+            f"(left, right, top, bottom)={self.pad}: PyTorch requires that {' and '.join(limits)}; the smallest "
+            f"input_size this layer accepts is {(min_h, min_w)}")
 
     # ----------------------------------------------------------------- sizes
     @property
