@@ -92,8 +92,11 @@ def fft_singular_values(geometry: ConvGeometry, kernel: torch.Tensor) -> torch.T
         )
     (h, w), (dh, dw), (kh, kw) = geometry.input_size, geometry.dilation, geometry.kernel_size
     c_out, c_in_g = kernel.shape[:2]
-    grid = kernel.new_zeros(c_out, c_in_g, h, w)
-    grid[:, :, (dh * torch.arange(kh))[:, None], (dw * torch.arange(kw))[None, :]] = kernel
+    # tap (a, b) sits at offset (dh*a, dw*b) mod (H, W): on maps smaller than the dilated kernel several
+    # taps wrap onto one pixel of the period and add up (one-hot placement, so they accumulate)
+    rows = torch.nn.functional.one_hot((dh * torch.arange(kh)) % h, h).to(kernel.dtype)  # (kh, H)
+    cols = torch.nn.functional.one_hot((dw * torch.arange(kw)) % w, w).to(kernel.dtype)  # (kw, W)
+    grid = torch.einsum("oiab,ah,bw->oihw", kernel, rows, cols)
     left, _, top, _ = geometry.pad
     k_hat = torch.fft.fft2(torch.roll(grid, (-top, -left), (-2, -1)))  # (C_out, C_in/g, H, W)
     g = geometry.groups

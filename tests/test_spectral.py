@@ -56,6 +56,11 @@ CIRCULANT = {
     "input-8x6": (kernel(2, 3, 3, 3, seed=6), (8, 6), dict(padding=1)),
     "even-2x2-same": (kernel(2, 2, 2, 2, seed=7), 5, dict(padding="same")),
     "5x3-kernel-asym": (kernel(2, 2, 5, 3, seed=8), (7, 5), dict(padding=(2, 1))),
+    # maps smaller than the kernel: taps wrap around the period and add up
+    "kernel3-map1": (kernel(3, 2, 3, 3, seed=10), 1, dict(padding=1)),
+    "kernel3-map2": (kernel(3, 2, 3, 3, seed=11), 2, dict(padding=1)),
+    "kernel5-map2x3": (kernel(2, 3, 5, 5, seed=12), (2, 3), dict(padding=2)),
+    "dilation2-map3x2": (kernel(2, 2, 3, 3, seed=13), (3, 2), dict(padding=2, dilation=2)),
 }
 
 
@@ -263,6 +268,26 @@ def test_fft_refuses_non_circulant(cfg):
 
 
 # --------------------------------------------------------------------------- model report
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("size,cfg", [
+    (2, dict(padding=3)), (1, dict(padding=3)), (2, dict(padding=3, stride=2)), ((2, 3), dict(padding=2, dilation=2)),
+], ids=["map2", "map1", "map2-stride2", "map2x3-dilation2"])
+def test_maps_smaller_than_the_kernel_equal_explicit_svd(mode, size, cfg):
+    """A 64->32 7x7 layer (a SPyNet level) on maps smaller than its kernel, wherever nn.Conv2d runs it."""
+    weight = kernel(32, 64, 7, 7, seed=14) if cfg.get("dilation", 1) == 1 else kernel(32, 64, 3, 3, seed=15)
+    try:
+        expected = true_svdvals(weight, size, padding_mode=mode, **cfg)
+    except RuntimeError:  # F.pad refuses reflect/circular padding this large: so does srnc_ext
+        with pytest.raises(ValueError, match=mode):
+            spectrum(weight, size, padding_mode=mode, **cfg)
+        return
+    result = spectrum(weight, size, padding_mode=mode, **cfg)
+    assert result.exact and len(result.values) == len(expected)
+    assert torch.allclose(result.values, expected, rtol=0, atol=1e-12 * expected[0])
+    assert result.frobenius_sq == pytest.approx(conv_matrix(weight, size, padding_mode=mode, **cfg).pow(2).sum().item(),
+                                                rel=1e-12)
+
+
 def test_model_report():
     model = nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1, padding_mode="circular", bias=False),
