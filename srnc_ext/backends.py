@@ -76,8 +76,9 @@ REFERENCE = contract.OpSet("reference", {name: getattr(naive, name) for name in 
 
 REGISTRY: Dict[str, Backend] = {b.name: b for b in (
     Backend("compiled", 30, _compiled_runs_on, lambda device: True, lambda: _compiled().OPS,
-            "needs the compiled srnc_ext._C ops; rebuild with `pip install --no-build-isolation -e .` "
-            "(SRNC_BUILD_CUDA=1 forces the CUDA kernels)"),
+            "needs the compiled ops: srnc_ext._C from `pip install --no-build-isolation .`, or the first-use "
+            "build of a plain `pip install .` (a C++ compiler and ninja; SRNC_JIT=0 forbids it); "
+            "SRNC_BUILD_CUDA=1 forces the CUDA kernels"),
     Backend("triton", 20, _triton_runs_on, lambda device: device == "cuda", lambda: _triton().OPS,
             "needs a GPU, or TRITON_INTERPRET=1 set before triton is imported for CPU tensors"),
     Backend("reference", 0, lambda device: True, lambda device: True, lambda: REFERENCE, ""),

@@ -49,7 +49,7 @@ class Entry:
 
 @functools.lru_cache(maxsize=1)
 def library_state() -> str:
-    """The git commit of the checkout and whether ``srnc_ext``/``csrc`` had uncommitted changes,
+    """The git commit of the checkout and whether ``srnc_ext`` (its C++ sources included) had uncommitted changes,
     read once per process (the process runs the library it imported; read-only git calls;
     "unknown" outside a git checkout)."""
     import subprocess
@@ -58,13 +58,13 @@ def library_state() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
-        diff = subprocess.run(["git", "diff", "HEAD", "--", "srnc_ext", "csrc"], cwd=root, capture_output=True,
+        diff = subprocess.run(["git", "diff", "HEAD", "--", "srnc_ext"], cwd=root, capture_output=True,
                               timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
     if not diff:
         return f"commit {head}"
-    return f"commit {head} with uncommitted changes to srnc_ext/csrc (diff sha1 {hashlib.sha1(diff).hexdigest()[:10]})"
+    return f"commit {head} with uncommitted changes to srnc_ext (diff sha1 {hashlib.sha1(diff).hexdigest()[:10]})"
 
 
 def entry_config(base: Dict, entry: Entry, measure: bool = False) -> Config:
