@@ -1,12 +1,23 @@
-"""Swap ``nn.Conv2d`` layers of a model for ``SRNCConv2d`` and back."""
+"""Swap ``nn.Conv2d`` layers of a model for ``SRNCConv2d`` and back.
+
+``convert`` turns convs into SRN-C layers sharing their parameters, ``remove`` is its inverse
+(plain layers holding the raw weights, like ``remove_parametrizations(leave_parametrized=False)``)
+and ``to_conv2d`` bakes the normalized weights into plain layers for deployment. ``convert`` and
+``spectral.model_report`` warn once, listing the conv-like modules they leave alone.
+"""
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.parameter import is_lazy
 
-from .module import SRNCConv2d
+from .module import LazySRNCConv2d, SRNCConv2d
+
+SUPPORTED_TYPES = (nn.Conv2d, nn.LazyConv2d)  # what SRNCConv2d / LazySRNCConv2d replace (and their subclasses)
 
 
 def _conv_config(conv: nn.Conv2d) -> dict:
@@ -21,6 +32,10 @@ def _conv_config(conv: nn.Conv2d) -> dict:
         bias=conv.bias is not None,
         padding_mode=conv.padding_mode,
     )
+
+
+def _is_uninitialized(module: nn.Module) -> bool:
+    return any(is_lazy(p) for p in module._parameters.values() if p is not None)
 
 
 def _replace(model: nn.Module, make: Callable[[str, nn.Module], Optional[nn.Module]]) -> nn.Module:
@@ -51,37 +66,168 @@ def _replace(model: nn.Module, make: Callable[[str, nn.Module], Optional[nn.Modu
     return visit(model, "")
 
 
+def is_conv_like(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer SRN-C could apply to: a torch conv or linear kind (``_ConvNd``,
+    ``nn.Linear``, their lazy and subclassed forms), or any module whose class name contains "Conv"
+    and that holds parameters itself (deformable convs such as torchvision's ``DeformConv2d``; a
+    container named ``ConvBlock`` holds none and is not one)."""
+    if isinstance(module, (_ConvNd, nn.Linear)):
+        return True
+    return "Conv" in type(module).__name__ and any(p is not None for p in module._parameters.values())
+
+
+def warn_left_alone(model: nn.Module, handled: Callable[[str, nn.Module], Optional[str]], what: str) -> List[str]:
+    """Warn once, listing the conv-like modules of ``model`` (``named_modules`` order, shared ones under
+    their first name) that ``handled(name, module)`` does not take: it returns None for those it takes,
+    else the reason they were left alone. Returns the listed names."""
+    left = []
+    for name, module in model.named_modules():
+        if isinstance(module, SRNCConv2d) or not is_conv_like(module):
+            continue
+        reason = handled(name, module)
+        if reason is not None:
+            left.append((name or "<model>", reason))
+    if left:
+        items = "; ".join(f"{name!r} ({reason})" for name, reason in left)
+        warnings.warn(f"{what} {len(left)} conv-like module{'s' if len(left) > 1 else ''}: {items}", UserWarning,
+                      stacklevel=3)
+    return [name for name, _ in left]
+
+
+def _check_types(types) -> Tuple[type, ...]:
+    if isinstance(types, type):
+        types = (types,)
+    try:
+        types = tuple(types)
+    except TypeError:
+        raise TypeError(f"types must be a module class or a tuple of them, got {types!r}") from None
+    for kind in types:
+        if not (isinstance(kind, type) and issubclass(kind, nn.Module)):
+            raise TypeError(f"types must hold module classes, got {kind!r}")
+        if not issubclass(kind, nn.Conv2d):
+            raise ValueError(f"types: convert replaces nn.Conv2d kinds only ({', '.join(t.__name__ for t in SUPPORTED_TYPES)} "
+                             f"and their subclasses), got {kind.__name__}, which SRN-C does not support yet")
+    return types
+
+
+def _sizes_by_module(model: nn.Module, input_size, targets: Dict[int, Tuple[str, nn.Module]]) -> Dict[int, object]:
+    """The ``input_size`` argument of each target layer (by module id): the one given, or from a
+    ``{qualified name: size}`` dict (any name of a shared layer; layers not in it: None)."""
+    if not isinstance(input_size, dict):
+        return {key: input_size for key in targets}
+    names: Dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
+    unknown = sorted(name for name in input_size if id(names.get(name)) not in targets)
+    if unknown:
+        details = ", ".join(f"{name!r} ({'no such module' if name not in names else type(names[name]).__name__ + ', not converted'})"
+                            for name in unknown)
+        raise ValueError(f"input_size names modules that convert does not convert: {details}; converted layers: "
+                         f"{', '.join(repr(name or '<model>') for name, _ in targets.values())}")
+    sizes: Dict[int, object] = {key: None for key in targets}
+    given: Dict[int, str] = {}
+    for name, size in input_size.items():
+        key = id(names[name])
+        if key in given and input_size[given[key]] != size:
+            raise ValueError(f"input_size gives the shared layer {given[key]!r} / {name!r} two sizes: "
+                             f"{input_size[given[key]]!r} and {size!r}")
+        given[key], sizes[key] = name, size
+    return sizes
+
+
+def _srnc_layer(name: str, module: nn.Conv2d, input_size, alpha: float, beta: float, options: dict) -> SRNCConv2d:
+    """The SRN-C layer replacing ``module``, sharing its weight and bias ``Parameter`` objects."""
+    dtype = module.weight.dtype
+    if _is_uninitialized(module):  # an nn.LazyConv2d before its first forward
+        config = _conv_config(module)
+        del config["in_channels"]
+        layer = LazySRNCConv2d(**config, device=module.weight.device, dtype=dtype, alpha=alpha, beta=beta,
+                               input_size=input_size, **options)
+    else:
+        layer = SRNCConv2d(**_conv_config(module), device="meta", dtype=dtype, alpha=alpha, beta=beta,
+                           input_size="track" if input_size == "track" else None, **options)
+    layer.weight = module.weight
+    layer.bias = module.bias
+    layer.srnc_name = name or None  # before the warm-up, whose warnings name the layer
+    if input_size is not None and input_size != "track" and not isinstance(layer, LazySRNCConv2d):
+        layer.set_input_size(input_size)
+    return layer
+
+
 def convert(
     model: nn.Module,
     *,
     alpha: float,
     beta: float = 1.0,
     predicate: Optional[Callable[[str], bool]] = None,
+    types=SUPPORTED_TYPES,
+    input_size=None,
     **kwargs,
 ) -> nn.Module:
-    """Replace every ``nn.Conv2d`` (not already SRN-C) by an ``SRNCConv2d`` with the same
-    configuration and the same weight and bias parameters.
+    """Replace every conv of ``types`` (default ``nn.Conv2d`` and ``nn.LazyConv2d``, subclasses
+    included; not already SRN-C) by an ``SRNCConv2d`` with the same configuration and the same
+    weight and bias parameters; an ``nn.LazyConv2d`` before its first forward becomes a
+    ``LazySRNCConv2d`` that materializes on it.
 
-    ``predicate(qualified_name) -> bool`` restricts which layers are converted; ``kwargs`` go
-    to ``SRNCConv2d`` (``input_size``, ``n_power_iterations``, ``eps``, ``variant``). Layers
-    with a known ``input_size`` start with a fresh warmed-up power iteration on their weight.
+    ``predicate(qualified_name) -> bool`` restricts which layers are converted. ``input_size``:
+    None (each layer takes its size from its first input), an int or ``(h, w)`` for every layer,
+    ``"track"`` (zero padding only: each layer re-normalizes for the largest size it sees), or a
+    dict ``{qualified name: any of these}`` (names of layers that are not converted are refused;
+    layers not in it take their size from their first input). ``kwargs`` go to ``SRNCConv2d``
+    (``n_power_iterations``, ``eps``, ``variant``, ``backend``). Layers with a known size start with
+    a fresh warmed-up power iteration on their weight. Every layer is built before any is replaced,
+    so a refused argument leaves the model as it was. One ``UserWarning`` lists the conv-like
+    modules left alone (other conv kinds, ``Linear``, deformable convs, layers not selected).
     Returns the model (or the new layer if ``model`` is itself a conv).
+    """
+    types = _check_types(types)
+    targets: Dict[int, Tuple[str, nn.Module]] = {}
+    for name, module in model.named_modules():  # the first name of a shared layer, as _replace visits it
+        if isinstance(module, types) and not isinstance(module, SRNCConv2d) and (predicate is None or predicate(name)):
+            targets[id(module)] = (name, module)
+    sizes = _sizes_by_module(model, input_size, targets)
+    new: Dict[int, nn.Module] = {}
+    for key, (name, module) in targets.items():
+        try:
+            new[key] = _srnc_layer(name, module, sizes[key], alpha, beta, kwargs)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"layer {name or '<model>'!r}: {err}") from err
+
+    inside = tuple(f"{name}." if name else "" for name, _ in targets.values())  # replaced along with their layer
+
+    def reason(name: str, module: nn.Module) -> Optional[str]:
+        if id(module) in targets or name.startswith(inside):
+            return None
+        kind = type(module).__name__
+        if isinstance(module, SUPPORTED_TYPES):
+            return f"{kind}, {'not in types' if not isinstance(module, types) else 'rejected by predicate'}"
+        return f"{kind}, not supported by SRN-C yet"
+
+    warn_left_alone(model, reason, "srnc_ext.convert left alone")
+    return _replace(model, lambda name, module: new.get(id(module)))
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Replace every ``SRNCConv2d`` by a plain ``nn.Conv2d`` holding its RAW weight: the inverse of
+    ``convert``, like ``torch.nn.utils.parametrize.remove_parametrizations(leave_parametrized=False)``.
+
+    The new layers share the SRN-C layers' weight and bias ``Parameter`` objects (an optimizer built
+    on the converted model still holds them), so the result computes what the model did before
+    ``convert``. A ``LazySRNCConv2d`` not yet materialized becomes an ``nn.LazyConv2d``. Use
+    ``to_conv2d`` to keep the normalized weights instead. Returns the model (or the new layer if
+    ``model`` is itself an ``SRNCConv2d``).
     """
 
     def make(name: str, module: nn.Module) -> Optional[nn.Module]:
-        if not isinstance(module, nn.Conv2d) or isinstance(module, SRNCConv2d):
+        if not isinstance(module, SRNCConv2d):
             return None
-        if predicate is not None and not predicate(name):
-            return None
-        input_size = kwargs.get("input_size")
-        options = {k: v for k, v in kwargs.items() if k != "input_size"}
-        layer = SRNCConv2d(**_conv_config(module), device="meta", dtype=module.weight.dtype, alpha=alpha, beta=beta, **options)
-        layer.weight = module.weight
-        layer.bias = module.bias
-        layer.srnc_name = name or None
-        if input_size is not None:
-            layer.set_input_size(input_size)
-        return layer
+        if _is_uninitialized(module):
+            config = _conv_config(module)
+            del config["in_channels"]
+            conv = nn.LazyConv2d(**config, device=module.weight.device, dtype=module.weight.dtype)
+        else:
+            conv = nn.Conv2d(**_conv_config(module), device="meta", dtype=module.weight.dtype)
+        conv.weight = module.weight
+        conv.bias = module.bias
+        return conv
 
     return _replace(model, make)
 

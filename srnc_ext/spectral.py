@@ -258,8 +258,14 @@ def model_report(
     """Spectrum summary of every ``nn.Conv2d`` in ``model`` (``named_modules`` order).
 
     ``input_size``: one size for every layer, or ``{qualified name: size}``; a layer missing
-    from it (or every layer, when ``None``) uses its own ``input_size`` attribute.
+    from it (or every layer, when ``None``) uses its own ``input_size`` attribute. One
+    ``UserWarning`` lists the conv-like modules it does not report (other conv kinds, ``Linear``,
+    deformable convs: see ``srnc_ext.convert.is_conv_like``).
     """
+    from .convert import warn_left_alone  # convert imports the layer; spectral stays importable alone
+
+    warn_left_alone(model, lambda name, m: None if isinstance(m, nn.Conv2d) else f"{type(m).__name__}, not an nn.Conv2d",
+                    "spectral.model_report does not report")
     rows = []
     for name, conv in model.named_modules():
         if not isinstance(conv, nn.Conv2d):

@@ -5,13 +5,15 @@ import io
 import os
 import pickle
 import resource
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from oracles import singular_values
 
-from srnc_ext import SRNCConv2d, reference
+from srnc_ext import LazySRNCConv2d, SRNCConv2d, reference
+from srnc_ext.conv_operator import ConvGeometry
 
 
 def _layer(**kwargs):
@@ -202,7 +204,8 @@ def test_lazy_input_size_from_first_input_and_other_sizes_allowed():
     assert layer.input_size is None and layer.u is None
     layer(torch.randn(1, 4, 12, 10))
     assert layer.input_size == (12, 10) and layer.u.shape == (1, 5, 12, 10)
-    out = layer(torch.randn(3, 4, 6, 6))  # another size: same weight, documented
+    with pytest.warns(RuntimeWarning, match=r"normalized for input size \(12, 10\) but got an input of size \(6, 6\)"):
+        out = layer(torch.randn(3, 4, 6, 6))  # another size: same weight, documented
     assert out.shape == (3, 5, 6, 6)
     assert layer(torch.randn(4, 12, 10)).shape == (5, 12, 10)  # unbatched input
 
@@ -300,6 +303,7 @@ def test_huge_finite_weight_whose_sum_overflows_is_not_rejected():
         (dict(eps=0.0), ValueError, "eps"),
         (dict(variant="literal"), ValueError, "variant"),
         (dict(input_size=0), ValueError, "input_size"),  # 2 (< the kernel) is valid: zero padding 1 fits it
+        (dict(input_size="big"), ValueError, "input_size"),
         (dict(dtype=torch.int32), TypeError, "dtype"),
         (dict(dtype=torch.complex64), TypeError, "dtype"),
     ],
@@ -370,3 +374,117 @@ def test_recurrent_model_compiles_fullgraph_and_matches_eager_across_steps():
     model.eval()
     eager.eval()
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- any map size (issue 12)
+TINY_LAYERS = {  # (c_in, c_out, kernel, layer options, input size): maps smaller than the (dilated) kernel
+    "64to32-7x7-map2": (64, 32, 7, dict(padding=3), 2),  # SPyNet's coarsest level in BasicVSR++ / TOFlow
+    "64to32-7x7-map1": (64, 32, 7, dict(padding=3), 1),
+    "7x7-stride2-map2x3": (8, 6, 7, dict(padding=3, stride=2), (2, 3)),
+    "3x3-dilation2-map2": (8, 6, 3, dict(padding=2, dilation=2), 2),
+    "3x3-dilation2-stride2-map1": (8, 6, 3, dict(padding=2, dilation=2, stride=2), 1),
+    "replicate-7x7-map2": (8, 6, 7, dict(padding=3, padding_mode="replicate"), 2),
+    "circular-3x3-map1": (8, 6, 3, dict(padding=1, padding_mode="circular"), 1),
+}
+
+
+@pytest.mark.parametrize("beta", (1.0, 0.5))
+@pytest.mark.parametrize("c_in,c_out,k,options,size", TINY_LAYERS.values(), ids=TINY_LAYERS.keys())
+def test_sigma_equals_alpha_on_maps_smaller_than_the_kernel(c_in, c_out, k, options, size, beta):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # beta = 0.5 can be below the stable-rank floor on such small maps
+        layer = SRNCConv2d(c_in, c_out, k, alpha=2.0, beta=beta, input_size=size, dtype=torch.float64, **options)
+        layer.refresh(5000, tol=1e-10)
+    sigma = singular_values(layer.geometry, layer.effective_weight())[0].item()  # the explicit matrix's
+    assert sigma == pytest.approx(2.0, rel=1e-8) and abs(sigma / 2.0 - 1) <= layer.residual + 1e-12
+
+
+def test_first_forward_on_a_map_smaller_than_the_kernel_materializes():
+    torch.manual_seed(0)
+    layer = SRNCConv2d(64, 32, 7, padding=3)
+    x = torch.randn(2, 64, 2, 2)
+    out = layer(x)
+    assert layer.input_size == (2, 2) and out.shape == (2, 32, 2, 2)
+    torch.testing.assert_close(out, F.conv2d(x, layer.effective_weight(), layer.bias, padding=3))
+
+
+def test_another_input_size_warns_once_naming_the_layer_and_both_sizes():
+    layer, other = _layer(input_size=8), _layer(input_size=8)
+    layer.srnc_name = "spynet.basic_module.0"
+    x = torch.randn(1, 4, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # its own size: silent
+    with pytest.warns(RuntimeWarning) as record:
+        small = layer(torch.randn(1, 4, 2, 3))
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "spynet.basic_module.0" in message and "(8, 8)" in message and "(2, 3)" in message
+    assert "input_size='track'" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.eval()
+        with torch.no_grad():
+            layer(torch.randn(1, 4, 16, 16))  # once per layer
+            layer(torch.randn(1, 4, 2, 3))
+    assert small.shape == (1, 5, 2, 3) and layer.input_size == (8, 8)  # the weight stays normalized for 8x8
+    with pytest.warns(RuntimeWarning, match=r"SRNCConv2d\(4, 5, kernel_size=\(3, 3\)\).*\(8, 8\).*\(5, 5\)"):
+        other(torch.randn(1, 4, 5, 5))  # every layer warns for itself; unnamed ones by their shape
+
+
+@pytest.mark.parametrize("stride,dilation,padding", [(1, 1, 1), (2, 1, 1), (1, 2, 2)])
+def test_track_renormalizes_for_the_largest_size_and_bounds_every_smaller_one(stride, dilation, padding):
+    """input_size='track': after each larger input the layer is normalized for the elementwise largest size
+    seen; once converged sigma_1 = alpha there and sigma_1 <= alpha at every smaller size (explicit matrices)."""
+    torch.manual_seed(0)
+    layer = SRNCConv2d(3, 4, 3, stride=stride, padding=padding, dilation=dilation, alpha=1.5, beta=0.5,
+                       input_size="track", dtype=torch.float64)
+    assert layer.input_size is None and layer.track_input_size
+    steps = [(3, 3, (3, 3)), (5, 5, (5, 5)), (4, 7, (5, 7)), (2, 2, (5, 7)), (1, 1, (5, 7)), (6, 6, (6, 7))]
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tracking never warns about sizes
+        for h, w, normalized in steps:
+            x = torch.randn(2, 3, h, w, dtype=torch.float64)
+            out = layer(x)
+            assert layer.input_size == normalized and layer.u.shape[-2:] == layer.geometry.output_size
+            torch.testing.assert_close(out, F.conv2d(x, layer.effective_weight(), layer.bias, stride, padding, dilation))
+            out.square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        layer.refresh(5000, tol=1e-10)
+    weight = layer.effective_weight().detach()
+    assert singular_values(layer.geometry, weight)[0].item() == pytest.approx(1.5, rel=1e-8)
+    for h in range(1, 7):
+        for w in range(1, 8):
+            try:
+                geometry = ConvGeometry.from_conv(layer, (h, w))
+            except ValueError:  # no operator at this size
+                continue
+            assert singular_values(geometry, weight)[0].item() <= 1.5 * (1 + 1e-8), (h, w)
+
+
+@pytest.mark.parametrize("mode", ("reflect", "replicate", "circular"))
+def test_track_is_refused_for_padding_modes_where_sigma_can_fall_with_the_size(mode):
+    with pytest.raises(ValueError, match=f"input_size='track' needs padding_mode='zeros', got padding_mode={mode!r}"):
+        SRNCConv2d(2, 2, 3, padding=1, padding_mode=mode, input_size="track")
+    with pytest.raises(ValueError, match="'track'"):
+        LazySRNCConv2d(2, 3, padding=1, padding_mode=mode, input_size="track")
+
+
+def test_lazy_layer_infers_in_channels_and_becomes_an_srnc_layer():
+    torch.manual_seed(0)
+    layer = LazySRNCConv2d(5, 3, padding=1, alpha=1.3, beta=0.5, input_size=6)
+    assert layer.has_uninitialized_params() and not layer.materialized
+    x = torch.randn(2, 4, 6, 6)
+    out = layer(x)
+    assert type(layer) is SRNCConv2d and layer.in_channels == 4 and layer.weight.shape == (5, 4, 3, 3)
+    assert layer.input_size == (6, 6) and out.shape == (2, 5, 6, 6)
+    torch.testing.assert_close(out, F.conv2d(x, layer.effective_weight(), layer.bias, padding=1))
+    tracking = LazySRNCConv2d(5, 3, padding=1, input_size="track")
+    tracking(x)
+    tracking(torch.randn(1, 4, 9, 7))
+    assert type(tracking) is SRNCConv2d and tracking.input_size == (9, 7)
+    with pytest.raises(ValueError, match="input_size"):  # a bad size is refused at construction, not at the forward
+        LazySRNCConv2d(5, 3, input_size=2)

@@ -312,3 +312,24 @@ def test_model_report():
     assert all(f"| {r.name} |" in table for r in rows)
     with pytest.raises(ValueError, match="'2'"):
         model_report(model, {"0": 8})
+
+
+def test_model_report_warns_once_listing_the_conv_like_layers_it_does_not_report():
+    class DeformConv2d(nn.Module):  # stands for torchvision.ops.DeformConv2d: holds its own weight
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(2, 2, 3, 3))
+
+    class ConvBlock(nn.Sequential):  # a container named "Conv...": its convs are reported, it is not one
+        pass
+
+    model = nn.Sequential(ConvBlock(nn.Conv2d(2, 2, 3, padding=1)), nn.ConvTranspose2d(2, 2, 4, stride=2), nn.Conv1d(2, 2, 3),
+                          nn.Conv3d(2, 2, 3), DeformConv2d(), nn.Linear(2, 2))
+    with pytest.warns(UserWarning, match="does not report") as record:
+        rows = model_report(model, 6)
+    assert [r.name for r in rows] == ["0.0"]
+    assert len(record) == 1
+    message = str(record[0].message)
+    for name, kind in (("1", "ConvTranspose2d"), ("2", "Conv1d"), ("3", "Conv3d"), ("4", "DeformConv2d"), ("5", "Linear")):
+        assert f"'{name}' ({kind}" in message
+    assert "'0'" not in message and "ConvBlock" not in message

@@ -471,3 +471,70 @@ def test_input_size_comes_from_the_saved_vectors_not_from_metadata():
     layer = SRNCConv2d(4, 5, 3, padding=1, beta=0.3)
     layer.load_state_dict(state)
     assert layer.input_size is None and layer.u is None
+
+
+# ---------------------------------------------------------------- a basicsr-style video model (issue 12)
+class _TinyVSR(nn.Module):
+    """The layer mix of BasicVSR++ / EDVR-like models, small: a SPyNet-like pyramid of 7x7 convs whose
+    coarsest level runs on 1x1 maps, a Conv3d over time, pixel-shuffle upsamplers at 2x and 4x size and
+    a ConvTranspose2d."""
+
+    def __init__(self):
+        super().__init__()
+        level = lambda: nn.Sequential(nn.Conv2d(6, 8, 7, padding=3), nn.ReLU(), nn.Conv2d(8, 6, 7, padding=3))
+        self.feat = nn.Conv2d(3, 6, 3, padding=1)
+        self.spynet = nn.ModuleList([level() for _ in range(3)])  # 1x1, 2x2, 4x4 maps
+        self.temporal = nn.Conv3d(6, 6, 3, padding=1)
+        self.up = nn.Sequential(nn.Conv2d(6, 24, 3, padding=1), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
+                                nn.Conv2d(6, 24, 3, padding=1), nn.PixelShuffle(2), nn.LeakyReLU(0.1))
+        self.deconv = nn.ConvTranspose2d(6, 3, 4, stride=2, padding=1)
+
+    def forward(self, clip):  # (B, T, 3, 4, 4) -> (B, 3, 32, 32)
+        frames = []
+        for t in range(clip.shape[1]):
+            f = self.feat(clip[:, t])
+            for i, level in enumerate(self.spynet):
+                coarse = F.adaptive_avg_pool2d(f, 2**i)
+                f = f + F.interpolate(level(coarse), size=f.shape[-2:], mode="nearest")
+            frames.append(f)
+        fused = self.temporal(torch.stack(frames, 2))[:, :, -1]
+        return self.deconv(self.up(fused))
+
+
+def test_a_video_model_with_every_conv_kind_converts_trains_reports_and_comes_back():
+    torch.manual_seed(0)
+    original = _TinyVSR()
+    with pytest.warns(UserWarning, match="convert left alone 2 conv-like modules") as record:
+        model = convert(copy.deepcopy(original), alpha=1.0, beta=0.5)
+    message = str(record[-1].message)
+    assert "'temporal' (Conv3d" in message and "'deconv' (ConvTranspose2d" in message
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert convs and all(isinstance(m, SRNCConv2d) for m in convs.values())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    clip, target = torch.rand(2, 3, 3, 4, 4), torch.rand(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every layer normalized for the size it runs at: no size warning
+        for _ in range(3):
+            loss = (model(clip) - target).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert torch.isfinite(loss)
+    sizes = {name: m.input_size for name, m in convs.items()}
+    assert sizes["spynet.0.0"] == (1, 1) and sizes["spynet.1.0"] == (2, 2) and sizes["up.3"] == (8, 8)
+    srnc_ext.refresh(model, 150)  # converged to well within 1e-3 (the largest error: 2.5e-4)
+    with pytest.warns(UserWarning, match="does not report.*'temporal'.*'deconv'"):
+        rows = srnc_ext.spectral.model_report(model, None)
+    assert {row.name for row in rows} == set(convs)
+    for row in rows:  # sigma_1 at each layer's own size, from the explicit matrix (all small)
+        assert row.method in ("matrix", "fft") and row.sigma_max == pytest.approx(1.0, rel=1e-3), row.name
+    model.eval()
+    expected = model(clip)
+    baked = srnc_ext.to_conv2d(copy.deepcopy(model))
+    torch.testing.assert_close(baked(clip), expected, rtol=1e-5, atol=1e-6)
+    removed = srnc_ext.remove(copy.deepcopy(model))
+    plain = copy.deepcopy(original)
+    plain.load_state_dict(removed.state_dict())  # the architecture it was converted from, with the raw weights
+    plain.eval()
+    assert [type(m) for m in removed.modules()] == [type(m) for m in plain.modules()]
+    torch.testing.assert_close(removed(clip), plain(clip), rtol=0, atol=0)
