@@ -68,8 +68,9 @@ def deferred_stop() -> Iterator[StopRequests]:
     if threading.current_thread() is not threading.main_thread():
         yield requests
         return
-    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    for sig in SIGNALS:
+    # a signal the process was started to ignore (SIGINT of a `nohup ... &` job) stays ignored
+    previous = {sig: handler for sig in SIGNALS if (handler := signal.getsignal(sig)) is not signal.SIG_IGN}
+    for sig in previous:
         signal.signal(sig, requests._handle)
     try:
         yield requests

@@ -384,3 +384,17 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, reference):
     _assert_logs_complete(out / "srnc")
     _no_temporaries(out)
     _assert_same_checkpoint(out / "srnc" / "checkpoint.pt", reference / "srnc" / "srnc" / "checkpoint.pt")
+
+
+def test_an_ignored_sigint_stays_ignored():
+    """A job started in the background (`nohup ... &`) ignores SIGINT; training must not take it over."""
+    from training.stop_signals import deferred_stop
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with deferred_stop():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # still handled
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
