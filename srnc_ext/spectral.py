@@ -20,7 +20,11 @@ is the linear map ``W: R^dim_in -> R^dim_out`` described by
   whose products are the operator and its exact adjoint. Any size.
 
 ``"auto"`` picks ``"fft"`` for circulant operators, else ``"matrix"`` within budget, else
-``"arpack"``; the result's ``method`` says which ran. Everything is computed in float64 on CPU.
+``"arpack"``; when only the top ``k`` values are asked (``k=``: ``spectral_norm``, ``stable_rank``
+and ``model_report`` ask ``k=1``) the dense SVD is used only for operators small enough that it
+is cheap (``MAX_DENSE_TOP_K_FLOPS``), since ARPACK reaches its tolerance far faster beyond that
+(a 16->16 layer at 16x16: 53 s dense, 0.15 s ARPACK, the same sigma_1 to 1e-16). The result's
+``method`` says which ran. Everything is computed in float64 on CPU.
 """
 from __future__ import annotations
 
@@ -36,6 +40,9 @@ from .conv_operator import ConvGeometry, SizeLike, pair
 
 METHODS = ("auto", "fft", "matrix", "arpack")
 MAX_MATRIX_ENTRIES = 2**24  # largest explicit operator matrix (dim_out * dim_in) "matrix" builds
+# "auto" with k given: the dense SVD only below this cost estimate (dim_out * dim_in * full_rank),
+# about a second here; above it ARPACK on the matrix-free operator
+MAX_DENSE_TOP_K_FLOPS = 2**28
 _CHUNK_ENTRIES = 2**22  # bound on the entries of one batch of basis vectors / their images
 _CONFIG = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "padding_mode": "zeros"}
 
@@ -126,8 +133,10 @@ def operator_matrix(geometry: ConvGeometry, kernel: torch.Tensor) -> torch.Tenso
     return torch.cat(columns).T
 
 
-def arpack_singular_values(geometry: ConvGeometry, kernel: torch.Tensor, k: int, tol: float) -> torch.Tensor:
-    """Top ``k`` singular values by ARPACK on the matrix-free operator, unsorted: ``(k,)``."""
+def arpack_singular_values(geometry: ConvGeometry, kernel: torch.Tensor, k: int, tol: float,
+                           ncv: Optional[int] = None, maxiter: Optional[int] = None) -> torch.Tensor:
+    """Top ``k`` singular values by ARPACK on the matrix-free operator, unsorted: ``(k,)``.
+    ``ncv`` (Lanczos vectors kept) and ``maxiter``: ARPACK's, ``scipy.sparse.linalg.svds``'s defaults when None."""
     if not 1 <= k < geometry.full_rank:
         raise ValueError(f"method='arpack' needs 1 <= k < full_rank={geometry.full_rank}, got k={k}")
 
@@ -141,7 +150,12 @@ def arpack_singular_values(geometry: ConvGeometry, kernel: torch.Tensor, k: int,
         dtype=np.float64,
     )
     v0 = np.random.default_rng(0).standard_normal(geometry.full_rank)
-    return torch.from_numpy(svds(op, k=k, tol=tol, v0=v0, return_singular_vectors=False).copy())
+    if ncv is not None and not k < ncv <= geometry.full_rank:
+        raise ValueError(f"ncv must be in ({k}, full_rank={geometry.full_rank}] (more than k={k}), got {ncv}")
+    if maxiter is not None and maxiter < 1:
+        raise ValueError(f"maxiter must be >= 1 or None, got {maxiter}")
+    values = svds(op, k=k, tol=tol, v0=v0, ncv=ncv, maxiter=maxiter, return_singular_vectors=False)
+    return torch.from_numpy(values.copy())
 
 
 # --------------------------------------------------------------------------- entry points
@@ -178,8 +192,10 @@ def spectrum(
     groups: Optional[int] = None,
     padding_mode: Optional[str] = None,
     method: str = "auto",
-    k: int = 1,
+    k: Optional[int] = None,
     tol: float = 1e-8,
+    ncv: Optional[int] = None,
+    maxiter: Optional[int] = None,
 ) -> Spectrum:
     """Singular values of the operator of a conv layer on ``input_size`` inputs.
 
@@ -188,16 +204,26 @@ def spectrum(
     attribute when ``input_size`` is None). ``input_size``: int or ``(H, W)``. The layer
     configuration (``None`` = default ``stride=1, padding=0, dilation=1, groups=1,
     padding_mode="zeros"``) must not be passed with a module, which supplies its own.
-    ``method``: one of ``METHODS`` (see the module docstring); ``k``, ``tol``: for ``"arpack"``.
+    ``method``: one of ``METHODS`` (see the module docstring). ``k``: the number of top values
+    needed (None: all of them; ``"arpack"`` then computes 1); with ``k`` given, ``"auto"`` picks
+    ARPACK over a dense SVD that would be slow. ``tol`` (relative), ``ncv``, ``maxiter``: ARPACK's.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"k must be None or an int >= 1, got {k!r}")
+    if not (isinstance(tol, (int, float)) and 0 <= tol < 1):
+        raise ValueError(f"tol must be a number in [0, 1) (0: machine precision), got {tol!r}")
     config = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=padding_mode)
     with torch.no_grad():
         kernel, geometry = _resolve(weight_or_conv, input_size, config)
         if method == "auto":
-            fits = geometry.dim_in * geometry.dim_out <= MAX_MATRIX_ENTRIES
+            entries = geometry.dim_in * geometry.dim_out
+            fits = entries <= MAX_MATRIX_ENTRIES
+            if k is not None:  # only the top k: dense only where it is cheap (and ARPACK needs k < full_rank)
+                fits = fits and (entries * geometry.full_rank <= MAX_DENSE_TOP_K_FLOPS or k >= geometry.full_rank)
             method = "fft" if geometry.is_circulant else "matrix" if fits else "arpack"
+        k = 1 if k is None else k
         if not bool(kernel.any()):  # the zero operator: ARPACK fails on it (error -9), nothing to compute
             values = kernel.new_zeros(k if method == "arpack" else geometry.full_rank)
         elif method == "fft":
@@ -205,7 +231,7 @@ def spectrum(
         elif method == "matrix":
             values = torch.linalg.svdvals(operator_matrix(geometry, kernel))
         else:
-            values = arpack_singular_values(geometry, kernel, k, tol)
+            values = arpack_singular_values(geometry, kernel, k, tol, ncv, maxiter)
         values = values.sort(descending=True).values
         if method != "arpack" and len(values) < geometry.full_rank:  # rank-deficient shapes: zeros
             values = torch.cat([values, values.new_zeros(geometry.full_rank - len(values))])
@@ -225,12 +251,16 @@ def singular_values(weight_or_conv, input_size=None, **kwargs) -> torch.Tensor:
 
 
 def spectral_norm(weight_or_conv, input_size=None, **kwargs) -> float:
-    """``sigma_1 = ||W||_2``. Same arguments as :func:`spectrum`."""
+    """``sigma_1 = ||W||_2``. Same arguments as :func:`spectrum` (``k`` defaults to 1 here: no dense
+    SVD where ARPACK is faster; ``result.tol`` of :func:`spectrum` says when a value is ARPACK's)."""
+    kwargs.setdefault("k", 1)
     return spectrum(weight_or_conv, input_size, **kwargs).sigma_max
 
 
 def stable_rank(weight_or_conv, input_size=None, **kwargs) -> float:
-    """Absolute stable rank ``||W||_F^2 / sigma_1^2``. Same arguments as :func:`spectrum`."""
+    """Absolute stable rank ``||W||_F^2 / sigma_1^2`` (exact Frobenius norm, sigma_1 as
+    :func:`spectral_norm`). Same arguments as :func:`spectrum`."""
+    kwargs.setdefault("k", 1)
     return spectrum(weight_or_conv, input_size, **kwargs).stable_rank
 
 
@@ -254,8 +284,13 @@ def model_report(
     input_size: Union[None, SizeLike, Dict[str, SizeLike]],
     *,
     method: str = "auto",
+    tol: float = 1e-8,
+    ncv: Optional[int] = None,
+    maxiter: Optional[int] = None,
 ) -> List[LayerSpectrum]:
-    """Spectrum summary of every ``nn.Conv2d`` in ``model`` (``named_modules`` order).
+    """Spectrum summary of every ``nn.Conv2d`` in ``model`` (``named_modules`` order): sigma_1
+    (``spectral_norm``'s rule: exact where cheap, else ARPACK to ``tol``, with ``ncv``/``maxiter``)
+    and the stable rank. The ``method`` column says which ran.
 
     ``input_size``: one size for every layer, or ``{qualified name: size}``; a layer missing
     from it (or every layer, when ``None``) uses its own ``input_size`` attribute. One
@@ -274,7 +309,7 @@ def model_report(
         size = size if size is not None else getattr(conv, "input_size", None)
         if size is None:
             raise ValueError(f"no input_size for layer {name!r}: pass it in input_size or set the layer's input_size")
-        result = spectrum(conv, size, method=method)
+        result = spectrum(conv, size, method=method, k=1, tol=tol, ncv=ncv, maxiter=maxiter)
         rows.append(LayerSpectrum(name, tuple(conv.weight.shape), pair(size, "input_size"), result.sigma_max,
                                   result.stable_rank, result.stable_rank_fraction, result.method,
                                   getattr(conv, "residual", None)))

@@ -333,3 +333,32 @@ def test_model_report_warns_once_listing_the_conv_like_layers_it_does_not_report
     for name, kind in (("1", "ConvTranspose2d"), ("2", "Conv1d"), ("3", "Conv3d"), ("4", "DeformConv2d"), ("5", "Linear")):
         assert f"'{name}' ({kind}" in message
     assert "'0'" not in message and "ConvBlock" not in message
+
+
+def test_top_k_queries_skip_a_slow_dense_svd(monkeypatch):
+    """sigma_1-only queries (spectral_norm, stable_rank, model_report) use ARPACK where a dense SVD
+    would be slow; asking for every value still gets the exact dense SVD."""
+    weight = kernel(3, 3, 3, 3, seed=21)
+    exact = spectrum(weight, 7, padding=1)
+    assert exact.method == "matrix"  # below the cost bound: dense, exact
+    assert spectral_norm(weight, 7, padding=1) == exact.sigma_max
+    monkeypatch.setattr(spectral, "MAX_DENSE_TOP_K_FLOPS", 1000)
+    top = spectrum(weight, 7, padding=1, k=1, tol=1e-12)
+    assert top.method == "arpack" and top.tol == 1e-12
+    assert top.sigma_max == pytest.approx(exact.sigma_max, rel=1e-10)
+    assert spectral_norm(weight, 7, padding=1) == pytest.approx(exact.sigma_max, rel=1e-7)
+    assert stable_rank(weight, 7, padding=1) == pytest.approx(exact.stable_rank, rel=1e-7)
+    assert spectrum(weight, 7, padding=1).method == "matrix"  # all values: still exact
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+    row = model_report(torch.nn.Sequential(conv), 7, tol=1e-12, ncv=8)[0]
+    assert row.method == "arpack" and row.sigma_max == pytest.approx(exact.sigma_max, rel=1e-10)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(k=0), "k must"), (dict(k=True), "k must"), (dict(tol=-1.0), "tol must"),
+                                          (dict(method="arpack", ncv=1), "ncv must"),
+                                          (dict(method="arpack", maxiter=0), "maxiter must")])
+def test_iteration_controls_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        spectrum(kernel(2, 2, 3, 3, seed=22), 6, padding=1, **kwargs)
