@@ -1,13 +1,11 @@
 """SRNCConv2d: once-per-step updates, gradients against the reference, modes, state, precision."""
-import contextlib
 import copy
 import io
-import os
 import pickle
-import resource
 import warnings
 
 import pytest
+from memory_limits import address_space_headroom
 import torch
 import torch.nn.functional as F
 from oracles import singular_values
@@ -140,23 +138,6 @@ def test_load_rejects_mismatched_vectors_without_touching_state():
         torch.testing.assert_close(buf, before[name], rtol=0, atol=0)
 
 
-@contextlib.contextmanager
-def _address_space_headroom(extra=1 << 30):
-    """Inside, the process may map at most ``extra`` more bytes (RLIMIT_AS): an attempt to allocate
-    what a crafted tensor claims fails there instead of succeeding lazily."""
-    if not os.path.exists("/proc/self/status"):
-        pytest.skip("needs Linux's /proc to bound the address space")
-    with open("/proc/self/status") as f:
-        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = vm + extra if hard == resource.RLIM_INFINITY else min(vm + extra, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
 def test_load_refuses_vectors_whose_storage_is_smaller_than_their_shape_without_allocating():
     """A crafted state_dict (stride-0 expanded vectors claiming a 100000x100000 input: 160 GB in a
     4-byte storage, a tiny file) is refused naming the key before any buffer of that size is made.
@@ -175,7 +156,7 @@ def test_load_refuses_vectors_whose_storage_is_smaller_than_their_shape_without_
             assert buffer.tell() < 100_000
             buffer.seek(0)
             shape = vectors[refused]
-            with _address_space_headroom(), pytest.raises(
+            with address_space_headroom(), pytest.raises(
                     RuntimeError, match=rf"<layer>\.{refused}: refused, shape \({', '.join(map(str, shape))}\) "
                                         rf"needs {shape[1] * 10**10} elements but its storage holds 1"):
                 layer.load_state_dict(torch.load(buffer, weights_only=True))

@@ -1,13 +1,12 @@
 """Bad input is refused up front with one line naming the file or key (issue 15): config files and
 their JSON types, config values, devices, damaged or foreign checkpoints, crafted tensors that
 would make the loader allocate, corrupt images and frame folders."""
-import contextlib
 import json
 import os
-import resource
 
 import numpy as np
 import pytest
+from memory_limits import address_space_headroom
 import torch
 from PIL import Image
 
@@ -305,23 +304,6 @@ def test_wrong_shapes_missing_and_unexpected_keys_are_named(tmp_path):
         assert _one_line(err).startswith(f"checkpoint {path}") and message in str(err.value), str(err.value)
 
 
-@contextlib.contextmanager
-def _address_space_headroom(extra=1 << 30):
-    """Inside, the process may map at most ``extra`` more bytes (RLIMIT_AS): an attempt to allocate
-    what a crafted tensor claims fails there instead of succeeding lazily."""
-    if not os.path.exists("/proc/self/status"):
-        pytest.skip("needs Linux's /proc to bound the address space")
-    with open("/proc/self/status") as f:
-        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = vm + extra if hard == resource.RLIM_INFINITY else min(vm + extra, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
 def test_a_stride_0_tensor_claiming_a_huge_shape_is_refused_without_allocating(tmp_path):
     """The crafted-checkpoint attack of issue 15: a tiny file whose vectors claim a huge input size."""
     model, opt = _model_and_optimizer()
@@ -330,13 +312,13 @@ def test_a_stride_0_tensor_claiming_a_huge_shape_is_refused_without_allocating(t
     path = tmp_path / "crafted.pt"
     torch.save(_state(model, opt, model=dict(model.state_dict(), **{layer_key: huge})), path)
     assert path.stat().st_size < 1_000_000
-    with _address_space_headroom(), pytest.raises(CheckpointError) as err:
+    with address_space_headroom(), pytest.raises(CheckpointError) as err:
         check_against(load_checkpoint(path), model, opt, path)
     assert layer_key in _one_line(err) and "(1, 4, 100000, 100000)" in str(err.value)
     # the right shape, but not dense: refused too (a crafted file, whatever its shape)
     right = torch.zeros(1).expand(*model.state_dict()[layer_key].shape)
     torch.save(_state(model, opt, model=dict(model.state_dict(), **{layer_key: right})), path)
-    with _address_space_headroom(), pytest.raises(CheckpointError) as err:
+    with address_space_headroom(), pytest.raises(CheckpointError) as err:
         check_against(load_checkpoint(path), model, opt, path)
     assert f"model key {layer_key!r} is refused: its storage holds 1 element(s)" in _one_line(err)
     # and the same in the optimizer state
@@ -364,7 +346,7 @@ def test_without_check_against_the_layer_itself_refuses_the_crafted_vectors(tmp_
     path = tmp_path / "crafted.pt"
     torch.save(_state(model, opt, model=crafted), path)
     saved = load_checkpoint(path)
-    with _address_space_headroom(), pytest.raises(RuntimeError) as err:
+    with address_space_headroom(), pytest.raises(RuntimeError) as err:
         model.load_state_dict(saved["model"])
     assert f"{prefix}u: refused, shape (1, {layer.out_channels}, 100000, 100000)" in str(err.value)
 

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..run_folder import LOCK_NAME
+from ..run_folder import LOCK_NAME, write_text_atomic
 
 
 def _clean(value):
@@ -46,18 +44,7 @@ def write_json(path, data: Any) -> Path:
 def write_text(path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_text_atomic(path, text)
 
 
 def read_json(path) -> Optional[Any]:
