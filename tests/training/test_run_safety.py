@@ -71,6 +71,15 @@ def _no_temporaries(folder):
     assert not left, left
 
 
+@pytest.fixture(autouse=True)
+def python_sigint():
+    """Python's own SIGINT handler during each test, also when the test run itself was started with
+    SIGINT ignored (a background job: training then keeps ignoring it, as it should)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted run's folder (per method)."""
