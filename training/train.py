@@ -291,7 +291,7 @@ def _train_loop(config, method, model, opt, sched, clips, log, ckpt_path, rank, 
                     snapshot(done, stops)
                 if progress and main_rank:
                     _progress(done, config.steps, loss_value, start, first)
-                if _stop_agreed(stops, world):
+                if _stop_agreed(stops, world, config.device):
                     break
             snapshot(done, stops)
         except TrainingInterrupted:
@@ -306,11 +306,12 @@ def _train_loop(config, method, model, opt, sched, clips, log, ckpt_path, rank, 
             "checkpoint": str(ckpt_path)}
 
 
-def _stop_agreed(stops, world: int) -> bool:
-    """Whether to stop after this step; under torchrun every rank stops at the same step."""
+def _stop_agreed(stops, world: int, device: str) -> bool:
+    """Whether to stop after this step; under torchrun every rank stops at the same step (the flag
+    on the training device: NCCL reduces CUDA tensors only)."""
     if world == 1:
         return stops.requested
-    flag = torch.tensor([float(stops.requested)])
+    flag = torch.tensor([float(stops.requested)], device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
 
