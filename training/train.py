@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -259,6 +260,7 @@ def _train_loop(config, method, model, opt, sched, clips, log, ckpt_path, rank, 
     last = config.steps if stop_after is None else min(config.steps, first + stop_after)
     with deferred_stop() as stops:
         between_steps = True  # the state is the one after step `done`: it may be saved
+        stopped = False  # on a signal to this process or, under torchrun, to any rank
         try:
             for step in range(first, last):
                 inputs, target = make_batch(config, clips, step, rank, world)
@@ -292,6 +294,7 @@ def _train_loop(config, method, model, opt, sched, clips, log, ckpt_path, rank, 
                 if progress and main_rank:
                     _progress(done, config.steps, loss_value, start, first)
                 if _stop_agreed(stops, world, config.device):
+                    stopped = True
                     break
             snapshot(done, stops)
         except TrainingInterrupted:
@@ -300,8 +303,8 @@ def _train_loop(config, method, model, opt, sched, clips, log, ckpt_path, rank, 
             if between_steps:
                 snapshot(done, stops)
             raise
-        if stops.requested and done < config.steps:
-            raise TrainingInterrupted(done, stops.signum, ckpt_path)
+        if stopped and done < config.steps:
+            raise TrainingInterrupted(done, stops.signum or signal.SIGINT, ckpt_path)
     return {"method": method, "steps": done, "last_loss": loss_value, "seconds": time.perf_counter() - start,
             "checkpoint": str(ckpt_path)}
 

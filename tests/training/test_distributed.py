@@ -57,3 +57,45 @@ def test_each_rank_gets_its_half_of_the_global_batch():
     halves = [make_batch(config, clips, 5, rank, 2) for rank in range(2)]
     for part in range(2):
         torch.testing.assert_close(torch.cat([h[part] for h in halves]), full[part], rtol=0, atol=0)
+
+
+def _stop_worker(rank, world, port, folder):
+    """Rank 1 alone gets a SIGINT after its second optimizer step; each rank writes where it stopped."""
+    import signal
+
+    from training.stop_signals import TrainingInterrupted
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    original, calls = torch.optim.lr_scheduler.LambdaLR.step, {"n": 0}
+
+    def step(self, *args, **kwargs):
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 3:  # the constructor steps once: this follows optimizer step 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args, **kwargs)
+
+    torch.optim.lr_scheduler.LambdaLR.step = step
+    stopped = None
+    try:
+        train(make_config("smoke", overrides=TINY + ["steps=6"]), "srnc", folder, progress=False)
+    except TrainingInterrupted as err:
+        stopped = err.step
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    with open(os.path.join(folder, f"stopped-{rank}.json"), "w") as f:
+        json.dump(stopped, f)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    folder = tmp_path / "ddp"
+    folder.mkdir()
+    mp.spawn(_stop_worker, args=(2, _free_port(), str(folder)), nprocs=2, join=True)
+    stopped = [json.loads((folder / f"stopped-{rank}.json").read_text()) for rank in (0, 1)]
+    assert stopped[0] == stopped[1] == 2, stopped
+    assert checkpoint.load_checkpoint(folder / "checkpoint.pt")["step"] == 2
