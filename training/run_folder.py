@@ -81,6 +81,8 @@ def _lock(path: Path) -> int:
 def claim(path) -> Iterator[_Claim]:
     """Create ``path`` if needed and hold its lock for the block (see the module docstring)."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunExists(f"{path} exists and is not a folder; a run needs a folder there (choose another --out)")
     created = []
     probe = path
     while not probe.exists():

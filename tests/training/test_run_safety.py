@@ -407,3 +407,12 @@ def test_an_ignored_sigint_stays_ignored():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    out = tmp_path / "a-file"
+    out.write_text("not a folder")
+    assert main(_train_args(out, "none")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a folder" in err and str(out) in err, err
+    assert out.read_text() == "not a folder"
