@@ -122,11 +122,13 @@ class TrainingDiverged(FloatingPointError):
         self.step, self.loss, self.kept = step, loss, kept
 
 
+def _all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
 def _finite_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> bool:
-    tensors = [t for t in model.state_dict().values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    for state in opt.state.values():
-        tensors += [t for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    """Every floating-point tensor of the model's state and the optimizer's state is finite."""
+    return _all_finite(model.state_dict().values()) and all(_all_finite(s.values()) for s in opt.state.values())
 
 
 def check_compatible(saved: Dict, config: Config, method: str, path) -> None:
@@ -281,7 +283,7 @@ def _train_loop(config, method, model, opt, sched, clips, log, ckpt_path, rank, 
                 try:
                     opt.step()  # SRN-C layers refresh in its post-hook
                 except ValueError:  # an SRN-C refresh refuses non-finite weights (a finite loss, inf gradients)
-                    if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                    if _all_finite(model.parameters()):
                         raise
                     raise TrainingDiverged(step, loss_value, kept=saved_at) from None
                 sched.step()
