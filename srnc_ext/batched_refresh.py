@@ -43,14 +43,16 @@ BATCHED = True  # False: one group per layer (the per-layer path; for tests and 
 DEFAULT_MAX_ITERATIONS = 1000  # the most steps of a refresh with a tolerance and no iteration count
 
 
-def vector_format(device) -> torch.memory_format:
-    """Memory format of the power-iteration vectors on ``device``.
+def vector_format(device, spatial_dims: int = 2) -> torch.memory_format:
+    """Memory format of the power-iteration vectors of a layer with ``spatial_dims`` on ``device``.
 
-    Channels-last on the CPU: a 12-group batch-1 conv (32 channels per group, 32x32, 2 threads)
-    took 2.74 ms on NCHW and 1.11 ms on channels-last inputs (oneDNN, torch 2.14.1).
-    Contiguous elsewhere (cuDNN's preference for float32 batch-1 grouped convs is unmeasured here).
+    Channels-last for 2-D layers on the CPU: a 12-group batch-1 conv (32 channels per group, 32x32,
+    2 threads) took 2.74 ms on NCHW and 1.11 ms on channels-last inputs (oneDNN, torch 2.14.1).
+    Contiguous elsewhere (cuDNN's preference for float32 batch-1 grouped convs, and the 1-D and 3-D
+    layouts, are unmeasured here).
     """
-    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+    cpu = torch.device(device).type == "cpu"
+    return torch.channels_last if cpu and spatial_dims == 2 else torch.contiguous_format
 
 
 def register(layer) -> None:
@@ -126,20 +128,21 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
     """One batched refresh; buffers of the layers change only if all of it succeeds."""
     first, n = layers[0], len(layers)
     geometry, eps, code = first.geometry, first.eps, first.variant_code
-    taps = geometry.kernel_size[0] * geometry.kernel_size[1]
+    taps = geometry.taps
     weights = [m.weight for m in layers]
     states = [m.power_iteration for m in layers]
     ops = first.ops
     group = stacked(geometry, n)
     gram, gram_pinv = first._buffers["_gram"], first._buffers["_gram_pinv"]
     with no_autocast(first.weight):
-        kernel = torch.cat([w.detach().to(first.compute_dtype) for w in weights])  # (L*C_out, C_in/g, kh, kw)
+        # (L*C_out, C_in/g, *k); a Linear's (out, in) matrix is the one-tap kernel (out, in, 1)
+        kernel = torch.cat([w.detach().to(first.compute_dtype).reshape(geometry.weight_shape) for w in weights])
         # a sum is finite iff every entry is (up to overflow, which the exact check sorts out): one cheap pass
         if not bool(torch.isfinite(kernel.sum())) and not bool(torch.isfinite(kernel).all()):
             bad = [i for i, w in enumerate(weights) if not bool(torch.isfinite(w).all())]
             raise ValueError(f"weight contains NaN or inf (layers {bad} of this refresh group); "
                              "the power-iteration vectors were not updated")
-        fmt = vector_format(kernel.device)
+        fmt = vector_format(kernel.device, geometry.ndim)
         cached = _STACKS.get(first, {})
         u, v, residual = _power_iteration(ops, group, kernel, _stack(states, "u", fmt, cached),
                                           _stack(states, "v", fmt, cached), n_iterations, n, eps, tol)
@@ -240,7 +243,7 @@ def _residual(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, n_layers: int, 
     ``y = W v``: the residual of the singular triplet ``(sigma, u, v)`` (its other half,
     ``W^T u - sigma v``, is 0 by construction), 0 for a zero operator."""
     sigma = _segment_norms(x, n_layers)
-    scale = sigma.repeat_interleave(y.shape[1] // n_layers).reshape(1, -1, 1, 1)
+    scale = sigma.repeat_interleave(y.shape[1] // n_layers).reshape(1, -1, *(1,) * (y.dim() - 2))
     miss = _segment_norms(torch.addcmul(y, scale, u, value=-1.0), n_layers)  # y - sigma u: 0.07 ms, y - scale * u 1.4
     return torch.where(sigma > eps, miss / sigma.clamp_min(eps), torch.zeros_like(sigma))
 

@@ -1,6 +1,8 @@
-"""Swap ``nn.Conv2d`` layers of a model for ``SRNCConv2d`` and back.
+"""Swap a model's conv (and, on request, linear) layers for their SRN-C kinds and back.
 
-``convert`` turns convs into SRN-C layers sharing their parameters, ``remove`` is its inverse
+``convert`` turns ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d`` (lazy forms and subclasses
+included; ``nn.Linear`` when ``types`` names it) into SRN-C layers sharing their parameters
+(``layer_kinds.SRNC_KINDS``), ``remove`` is its inverse
 (plain layers holding the raw weights, like ``remove_parametrizations(leave_parametrized=False)``)
 and ``to_conv2d`` bakes the normalized weights into plain layers for deployment. ``convert`` and
 ``spectral.model_report`` warn once, listing the conv-like modules they leave alone.
@@ -15,23 +17,12 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.parameter import is_lazy
 
-from .module import LazySRNCConv2d, SRNCConv2d
+from .layer_kinds import CONV_KINDS, LAZY_TORCH, TORCH_KINDS, layer_config, srnc_kind, torch_kind
+from .module import SRNCLayer
 
-SUPPORTED_TYPES = (nn.Conv2d, nn.LazyConv2d)  # what SRNCConv2d / LazySRNCConv2d replace (and their subclasses)
-
-
-def _conv_config(conv: nn.Conv2d) -> dict:
-    return dict(
-        in_channels=conv.in_channels,
-        out_channels=conv.out_channels,
-        kernel_size=conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-    )
+# what convert replaces by default: every conv kind (their lazy forms and subclasses too); nn.Linear
+# is supported and converted when types names it
+SUPPORTED_TYPES = CONV_KINDS
 
 
 def _is_uninitialized(module: nn.Module) -> bool:
@@ -82,7 +73,7 @@ def warn_left_alone(model: nn.Module, handled: Callable[[str, nn.Module], Option
     else the reason they were left alone. Returns the listed names."""
     left = []
     for name, module in model.named_modules():
-        if isinstance(module, SRNCConv2d) or not is_conv_like(module):
+        if isinstance(module, SRNCLayer) or not is_conv_like(module):
             continue
         reason = handled(name, module)
         if reason is not None:
@@ -104,9 +95,9 @@ def _check_types(types) -> Tuple[type, ...]:
     for kind in types:
         if not (isinstance(kind, type) and issubclass(kind, nn.Module)):
             raise TypeError(f"types must hold module classes, got {kind!r}")
-        if not issubclass(kind, nn.Conv2d):
-            raise ValueError(f"types: convert replaces nn.Conv2d kinds only ({', '.join(t.__name__ for t in SUPPORTED_TYPES)} "
-                             f"and their subclasses), got {kind.__name__}, which SRN-C does not support yet")
+        if not issubclass(kind, TORCH_KINDS):
+            raise ValueError(f"types: convert replaces {', '.join(t.__name__ for t in TORCH_KINDS)} (their lazy forms "
+                             f"and subclasses), got {kind.__name__}, which SRN-C does not support")
     return types
 
 
@@ -133,21 +124,33 @@ def _sizes_by_module(model: nn.Module, input_size, targets: Dict[int, Tuple[str,
     return sizes
 
 
-def _srnc_layer(name: str, module: nn.Conv2d, input_size, alpha: float, beta: float, options: dict) -> SRNCConv2d:
+def _srnc_layer(name: str, module: nn.Module, input_size, alpha: float, beta: float, options: dict) -> SRNCLayer:
     """The SRN-C layer replacing ``module``, sharing its weight and bias ``Parameter`` objects."""
     dtype = module.weight.dtype
-    if _is_uninitialized(module):  # an nn.LazyConv2d before its first forward
-        config = _conv_config(module)
+    config = layer_config(module)
+    linear = isinstance(module, nn.Linear)
+    if linear and input_size is not None:
+        raise ValueError(f"input_size={input_size!r} given for a {type(module).__name__}: a Linear's operator is its "
+                         "matrix and has no input size (leave it out of input_size)")
+    lazy = _is_uninitialized(module)
+    if lazy and linear:
+        raise ValueError(f"{type(module).__name__} before its first forward: SRN-C has no lazy Linear; run a forward "
+                         "first (or build an srnc_ext.SRNCLinear)")
+    if lazy:  # a torch lazy conv before its first forward
         del config["in_channels"]
-        layer = LazySRNCConv2d(**config, device=module.weight.device, dtype=dtype, alpha=alpha, beta=beta,
-                               input_size=input_size, **options)
+        layer = srnc_kind(module, lazy=True)(**config, device=module.weight.device, dtype=dtype, alpha=alpha,
+                                             beta=beta, input_size=input_size, **options)
+    elif linear:
+        layer = srnc_kind(module)(**config, device="meta", dtype=dtype, alpha=alpha, beta=beta, **options)
     else:
-        layer = SRNCConv2d(**_conv_config(module), device="meta", dtype=dtype, alpha=alpha, beta=beta,
-                           input_size="track" if input_size == "track" else None, **options)
+        layer = srnc_kind(module)(**config, device="meta", dtype=dtype, alpha=alpha, beta=beta,
+                                  input_size="track" if input_size == "track" else None, **options)
     layer.weight = module.weight
     layer.bias = module.bias
     layer.srnc_name = name or None  # before the warm-up, whose warnings name the layer
-    if input_size is not None and input_size != "track" and not isinstance(layer, LazySRNCConv2d):
+    if linear:
+        layer.reset_power_iteration()  # built on meta: now on the real weight
+    elif input_size is not None and input_size != "track" and not lazy:
         layer.set_input_size(input_size)
     return layer
 
@@ -162,26 +165,29 @@ def convert(
     input_size=None,
     **kwargs,
 ) -> nn.Module:
-    """Replace every conv of ``types`` (default ``nn.Conv2d`` and ``nn.LazyConv2d``, subclasses
-    included; not already SRN-C) by an ``SRNCConv2d`` with the same configuration and the same
-    weight and bias parameters; an ``nn.LazyConv2d`` before its first forward becomes a
-    ``LazySRNCConv2d`` that materializes on it.
+    """Replace every layer of ``types`` (default: every conv kind, ``nn.Conv1d/2d/3d`` and
+    ``nn.ConvTranspose1d/2d/3d``, lazy forms and subclasses included; add ``nn.Linear`` to convert
+    linear layers too; layers already SRN-C are kept) by its SRN-C kind (``SRNCConv2d``,
+    ``SRNCConvTranspose2d``, ``SRNCLinear``, ...) with the same configuration and the same weight and
+    bias parameters; a lazy conv before its first forward becomes the lazy SRN-C kind that
+    materializes on it.
 
     ``predicate(qualified_name) -> bool`` restricts which layers are converted. ``input_size``:
     None (each layer takes its size from its first input), an int or ``(h, w)`` for every layer,
     ``"track"`` (zero padding only: each layer re-normalizes for the largest size it sees), or a
     dict ``{qualified name: any of these}`` (names of layers that are not converted are refused;
-    layers not in it take their size from their first input). ``kwargs`` go to ``SRNCConv2d``
+    layers not in it take their size from their first input; a transposed conv's size is that of its
+    input; Linear layers take none). ``kwargs`` go to the SRN-C layers
     (``n_power_iterations``, ``eps``, ``variant``, ``backend``). Layers with a known size start with
     a fresh warmed-up power iteration on their weight. Every layer is built before any is replaced,
     so a refused argument leaves the model as it was. One ``UserWarning`` lists the conv-like
-    modules left alone (other conv kinds, ``Linear``, deformable convs, layers not selected).
+    modules left alone (``Linear`` unless in ``types``, deformable convs, layers not selected).
     Returns the model (or the new layer if ``model`` is itself a conv).
     """
     types = _check_types(types)
     targets: Dict[int, Tuple[str, nn.Module]] = {}
     for name, module in model.named_modules():  # the first name of a shared layer, as _replace visits it
-        if isinstance(module, types) and not isinstance(module, SRNCConv2d) and (predicate is None or predicate(name)):
+        if isinstance(module, types) and not isinstance(module, SRNCLayer) and (predicate is None or predicate(name)):
             targets[id(module)] = (name, module)
     sizes = _sizes_by_module(model, input_size, targets)
     new: Dict[int, nn.Module] = {}
@@ -197,7 +203,7 @@ def convert(
         if id(module) in targets or name.startswith(inside):
             return None
         kind = type(module).__name__
-        if isinstance(module, SUPPORTED_TYPES):
+        if isinstance(module, TORCH_KINDS):
             return f"{kind}, {'not in types' if not isinstance(module, types) else 'rejected by predicate'}"
         return f"{kind}, not supported by SRN-C yet"
 
@@ -206,49 +212,50 @@ def convert(
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Replace every ``SRNCConv2d`` by a plain ``nn.Conv2d`` holding its RAW weight: the inverse of
+    """Replace every SRN-C layer by its plain torch kind holding its RAW weight: the inverse of
     ``convert``, like ``torch.nn.utils.parametrize.remove_parametrizations(leave_parametrized=False)``.
 
     The new layers share the SRN-C layers' weight and bias ``Parameter`` objects (an optimizer built
     on the converted model still holds them), so the result computes what the model did before
-    ``convert``. A ``LazySRNCConv2d`` not yet materialized becomes an ``nn.LazyConv2d``. Use
+    ``convert``. A lazy SRN-C layer not yet materialized becomes torch's lazy kind. Use
     ``to_conv2d`` to keep the normalized weights instead. Returns the model (or the new layer if
-    ``model`` is itself an ``SRNCConv2d``).
+    ``model`` is itself an SRN-C layer).
     """
 
     def make(name: str, module: nn.Module) -> Optional[nn.Module]:
-        if not isinstance(module, SRNCConv2d):
+        if not isinstance(module, SRNCLayer):
             return None
+        kind, config = torch_kind(module), layer_config(module)
         if _is_uninitialized(module):
-            config = _conv_config(module)
             del config["in_channels"]
-            conv = nn.LazyConv2d(**config, device=module.weight.device, dtype=module.weight.dtype)
+            plain = LAZY_TORCH[kind](**config, device=module.weight.device, dtype=module.weight.dtype)
         else:
-            conv = nn.Conv2d(**_conv_config(module), device="meta", dtype=module.weight.dtype)
-        conv.weight = module.weight
-        conv.bias = module.bias
-        return conv
+            plain = kind(**config, device="meta", dtype=module.weight.dtype)
+        plain.weight = module.weight
+        plain.bias = module.bias
+        return plain
 
     return _replace(model, make)
 
 
 def to_conv2d(model: nn.Module) -> nn.Module:
-    """Replace every ``SRNCConv2d`` by a plain ``nn.Conv2d`` holding its effective weight.
+    """Replace every SRN-C layer by its plain torch kind (``nn.Conv2d`` for an ``SRNCConv2d``,
+    ``nn.ConvTranspose2d``, ``nn.Linear``, ...) holding its effective weight.
 
     For deployment: the result computes the same function with no normalization cost.
-    Returns the model (or the new layer if ``model`` is itself an ``SRNCConv2d``).
+    Returns the model (or the new layer if ``model`` is itself an SRN-C layer).
     """
 
     def make(name: str, module: nn.Module) -> Optional[nn.Module]:
-        if not isinstance(module, SRNCConv2d):
+        if not isinstance(module, SRNCLayer):
             return None
         if not module.materialized:
             raise RuntimeError(f"layer {name or '<model>'!r} has no input_size yet: run a forward or pass input_size")
         with torch.no_grad():
             weight = module.effective_weight().detach().clone()
-        conv = nn.Conv2d(**_conv_config(module), device="meta", dtype=weight.dtype)
-        conv.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
-        conv.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), module.bias.requires_grad)
-        return conv
+        plain = torch_kind(module)(**layer_config(module), device="meta", dtype=weight.dtype)
+        plain.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+        plain.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), module.bias.requires_grad)
+        return plain
 
     return _replace(model, make)

@@ -1,4 +1,9 @@
-"""``SRNCConv2d``: a drop-in ``nn.Conv2d`` whose true operator has spectral norm ``alpha``.
+"""SRN-C layers: drop-in ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` and ``nn.Linear`` whose
+true operator has spectral norm ``alpha``.
+
+``SRNCLayer`` holds everything SRN-C (state, refresh, effective weight, state_dict); each kind adds
+only its operator (``ConvGeometry``: a conv on its input size, the conv whose adjoint a transposed
+conv is, or the weight matrix of a Linear) and its forward. Below, "the layer" is any of them.
 
 Contract: the forward's weight is always ``f(current weight, current vectors)``, where ``f`` is
 the differentiable SRN-C reweighting and the vectors are the layer's power-iteration state
@@ -34,12 +39,13 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 from torch.nn.modules.conv import _LazyConvXdMixin
 from torch.nn.parameter import UninitializedParameter, is_lazy
 
 from . import backends, batched_refresh as _refresh
 from .ops import VARIANT_PROJECTED, naive, prepare_constants, variant_code
-from .conv_operator import ConvGeometry, pair
+from .conv_operator import ConvGeometry, ntuple
 from .power_iteration import (FRESH_NAME, GRAM_NAMES, SAVED_CONSTANT_NAMES, VECTOR_NAMES, PowerIterationState,
                               normal_tensors, version_of)
 from .hyperparameters import check_alpha, check_beta, check_eps, check_float_dtype, check_iterations, check_variant
@@ -100,25 +106,17 @@ def _check_track(input_size, padding_mode) -> bool:
     return True
 
 
-class SRNCConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with Stable Rank Normalization of its true convolution operator (SRN-C).
-
-    The forward uses ``effective_weight() = alpha * K~``, where ``K~`` is the raw ``weight``
-    divided by the spectral norm of the layer's operator on ``input_size`` maps (padding mode,
-    stride, dilation and groups included) and, for ``beta < 1``, reweighted to lower its
-    stable rank toward ``beta * min(dim_in, dim_out)``. ``weight`` stays the raw trainable
-    parameter.
-
-    Args (beyond ``nn.Conv2d``'s):
+_SRNC_ARGS_DOC = """
         alpha: target spectral norm of the operator (> 0).
         beta: target stable rank as a fraction of the operator's full rank, in (0, 1];
             ``beta = 1`` is spectral normalization of the true operator.
-        input_size: int or (h, w), the feature-map size the operator acts on; None takes it
-            from the first input seen; ``"track"`` (zero padding only) takes it from the first
-            input and re-normalizes for the largest (h, w) seen whenever a larger input arrives
-            (with zero padding sigma_1 never decreases with the map size, so sigma_1 <= alpha at
-            every size seen). Other sizes are accepted by forward (the normalized weight does not
-            depend on them), with one warning per layer: the guarantee is for this size.
+        input_size: int or one int per spatial dimension, the feature-map size the operator acts on
+            (for a transposed conv: the size of its input); None takes it from the first input seen;
+            ``"track"`` (zero padding only) takes it from the first input and re-normalizes for the
+            largest size seen whenever a larger input arrives (with zero padding sigma_1 never
+            decreases with the map size, so sigma_1 <= alpha at every size seen). Other sizes are
+            accepted by forward (the normalized weight does not depend on them), with one warning
+            per layer: the guarantee is for this size.
         n_power_iterations: power-iteration steps per optimizer step (>= 1).
         eps: added to the spectral norm estimate before dividing (> 0).
         variant: ``"projected"`` (default: sigma_1 = alpha for every beta) or ``"paper"``
@@ -126,40 +124,34 @@ class SRNCConv2d(nn.Conv2d):
         backend: ``None`` (the global choice, see ``srnc_ext.set_backend``), ``"auto"``,
             ``"cuda"``, ``"cpu"``, ``"triton"`` or ``"reference"``.
 
-    ``srnc_name`` (set by ``convert`` to the qualified name) names the layer in warnings.
+    ``srnc_name`` (set by ``convert`` to the qualified name) names the layer in warnings."""
+
+
+def _check_srnc_args(dtype, input_size, padding_mode, alpha, beta, eps, n_power_iterations, variant, backend):
+    """The SRN-C arguments, checked before the torch layer is built: ``(track, alpha, beta, eps)``."""
+    check_float_dtype(dtype)
+    track = _check_track(input_size, padding_mode)
+    alpha, beta, eps = check_alpha(alpha), check_beta(beta), check_eps(eps)
+    check_iterations("n_power_iterations", n_power_iterations)
+    check_variant(variant)
+    backends.check_backend(backend)
+    return track, alpha, beta, eps
+
+
+class SRNCLayer:
+    """The SRN-C part of every SRN-C layer kind (a mixin before the torch layer class).
+
+    A kind sets ``_SPATIAL_DIMS`` and implements ``_geometry_for(size)`` (the operator on inputs of
+    that size) and ``forward``; ``_TRANSPOSED`` kinds' vectors are swapped (``u`` lives on the
+    input, ``v`` on the output). ``weight`` stays the raw trainable parameter and the forward uses
+    ``effective_weight()``.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device=None,
-        dtype=None,
-        *,
-        alpha: float = 1.0,
-        beta: float = 1.0,
-        input_size=None,
-        n_power_iterations: int = 1,
-        eps: float = 1e-12,
-        variant: str = "projected",
-        backend: Optional[str] = None,
-    ) -> None:
-        check_float_dtype(dtype)
-        track = _check_track(input_size, padding_mode)
-        alpha, beta, eps = check_alpha(alpha), check_beta(beta), check_eps(eps)
-        check_iterations("n_power_iterations", n_power_iterations)
-        check_variant(variant)
-        backends.check_backend(backend)
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
-        )
+    _SPATIAL_DIMS = 2
+    _TRANSPOSED = False
+
+    def _init_srnc(self, *, track: bool, alpha: float, beta: float, input_size, n_power_iterations: int, eps: float,
+                   variant: str, backend: Optional[str]) -> None:
         self.alpha = alpha
         self.beta = beta
         self.n_power_iterations = n_power_iterations
@@ -182,11 +174,49 @@ class SRNCConv2d(nn.Conv2d):
         if input_size is not None and not track:
             self.set_input_size(input_size)
 
+    # ------------------------------------------------------------------ the kind's operator
+    def _geometry_for(self, size) -> ConvGeometry:
+        """The operator of this layer on inputs of ``size`` (validated)."""
+        return ConvGeometry.from_conv(self, size)
+
+    def _size_of(self, geometry: ConvGeometry) -> tuple:
+        """The layer's input size for its operator ``geometry`` (a transposed conv's input is the
+        output of the conv it is the adjoint of)."""
+        return geometry.output_size if self._TRANSPOSED else geometry.input_size
+
+    def _input_size_arg(self, input_size) -> tuple:
+        return ntuple(input_size, self._SPATIAL_DIMS, "input_size")
+
+    def _check_input(self, input: torch.Tensor) -> None:
+        n = self._SPATIAL_DIMS
+        if input.dim() not in (n + 1, n + 2):
+            names = ("N", "C", *"DHW"[3 - n:])
+            raise ValueError(f"input must be ({', '.join(names)}) or ({', '.join(names[1:])}), got shape "
+                             f"{tuple(input.shape)}")
+        if input.shape[-n - 1] != self.in_channels:
+            raise ValueError(
+                f"input has {input.shape[-n - 1]} channels but the layer has in_channels={self.in_channels}"
+            )
+
+    def _prepare_forward(self, size: tuple) -> None:
+        """Before a forward on inputs of ``size``: materialize, note another size, refresh if stale."""
+        if torch.jit.is_tracing() and self.training:
+            raise RuntimeError(f"torch.jit.trace of an {type(self).__name__} in training mode would record one "
+                               "refresh as constants: trace the model in eval mode, or trace "
+                               "srnc_ext.to_conv2d(model)")
+        if not self.materialized:
+            self.set_input_size(self.input_size or size)
+        elif size != self.input_size and not _functional_mode():  # a tuple comparison: no sync
+            self._other_input_size(size)
+        if self.training and not _functional_mode() and self.is_stale():
+            _refresh.refresh_layers([self])
+
     # ------------------------------------------------------------------ configuration
     @property
-    def input_size(self) -> Optional[Tuple[int, int]]:
-        """The (h, w) the operator acts on, or None until known."""
-        return None if self._geometry is None else self._geometry.input_size
+    def input_size(self) -> Optional[Tuple[int, ...]]:
+        """The input size (one int per spatial dimension) the operator is normalized for, or None
+        until known."""
+        return None if self._geometry is None else self._size_of(self._geometry)
 
     @property
     def geometry(self) -> Optional[ConvGeometry]:
@@ -225,8 +255,8 @@ class SRNCConv2d(nn.Conv2d):
 
     def op_scalars(self) -> Tuple[float, float, float, float, int]:
         """``(alpha, beta * full_rank, output positions, eps, variant code)`` for the reweight op."""
-        h, w = self._geometry.output_size
-        return (self.alpha, self.beta * self._geometry.full_rank, float(h * w), self.eps, self.variant_code)
+        geometry = self._geometry
+        return (self.alpha, self.beta * geometry.full_rank, float(geometry.positions), self.eps, self.variant_code)
 
     def signature(self) -> tuple:
         """Layers with equal signatures are refreshed together as one grouped convolution."""
@@ -246,18 +276,19 @@ class SRNCConv2d(nn.Conv2d):
 
     # ------------------------------------------------------------------ state
     def set_input_size(self, input_size) -> None:
-        """Set the feature-map size (int or (h, w)) and start a fresh warmed-up power iteration."""
-        self._geometry = ConvGeometry.from_conv(self, pair(input_size, "input_size"))  # validates first
+        """Set the feature-map size (an int or one per spatial dimension) and start a fresh warmed-up
+        power iteration."""
+        self._geometry = self._geometry_for(self._input_size_arg(input_size))  # validates first
         self._size_warned = False
         self.reset_power_iteration()
 
-    def _other_input_size(self, size: Tuple[int, int]) -> None:
+    def _other_input_size(self, size: Tuple[int, ...]) -> None:
         """A forward saw an input of ``size``, not the normalized ``input_size``: re-normalize for
         the elementwise largest size (``"track"``), or warn once."""
-        h, w = self._geometry.input_size
+        current = self.input_size
         if self.track_input_size:
-            if size[0] > h or size[1] > w:
-                self.set_input_size((max(h, size[0]), max(w, size[1])))
+            if any(new > old for new, old in zip(size, current)):
+                self.set_input_size(tuple(max(new, old) for new, old in zip(size, current)))
             return
         if self._size_warned:
             return
@@ -267,17 +298,22 @@ class SRNCConv2d(nn.Conv2d):
                  "below alpha at either smaller or larger sizes")
         track = " or input_size='track' (the largest size seen)" if self.padding_mode == "zeros" else ""
         warnings.warn(
-            f"SRN-C layer {self._display_name()}: normalized for input size {(h, w)} but got an input of size "
-            f"{size}; sigma_1 = alpha holds at {(h, w)} only, {where}. Give the layer the size it runs at "
+            f"SRN-C layer {self._display_name()}: normalized for input size {current} but got an input of size "
+            f"{size}; sigma_1 = alpha holds at {current} only, {where}. Give the layer the size it runs at "
             f"(input_size=, or convert(..., input_size={{name: size}})){track}. Warned once per layer.",
             RuntimeWarning, stacklevel=2)
 
     def _display_name(self) -> str:
-        return self.srnc_name or f"{type(self).__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size})"
+        if self.srnc_name:
+            return self.srnc_name
+        if hasattr(self, "kernel_size"):
+            return f"{type(self).__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size})"
+        return f"{type(self).__name__}({self.in_features}, {self.out_features})"
 
     def _allocate(self, geometry: ConvGeometry) -> None:
         device = self.weight.device
-        self.power_iteration.allocate(geometry, self.compute_dtype, device, _refresh.vector_format(device), self.eps)
+        self.power_iteration.allocate(geometry, self.compute_dtype, device,
+                                      _refresh.vector_format(device, geometry.ndim), self.eps)
         self._weight_cache = None
 
     @torch.no_grad()
@@ -296,7 +332,7 @@ class SRNCConv2d(nn.Conv2d):
         _refresh.refresh_layers([self], n_iterations)  # counts as this weight's refresh
 
     def reset_parameters(self) -> None:
-        """``nn.Conv2d``'s initialization, then a fresh power iteration for the new weight (what
+        """The torch layer's initialization, then a fresh power iteration for the new weight (what
         ``to_empty()`` followed by ``reset_parameters()`` needs, as FSDP does)."""
         super().reset_parameters()
         if getattr(self, "power_iteration", None) is not None and self.materialized:  # not during __init__
@@ -321,7 +357,7 @@ class SRNCConv2d(nn.Conv2d):
     def _recompute_constants(self) -> None:
         """The rank-one kernels and op constants from the stored vectors, without iterating."""
         geometry, code, state = self._geometry, self.variant_code, self.power_iteration
-        taps = geometry.kernel_size[0] * geometry.kernel_size[1]
+        taps = geometry.taps
         with no_autocast(self.weight), normal_tensors():
             s1 = geometry.kernel_grad(state.vector("v"), state.vector("u")).reshape(1, -1, taps)
             s1_out = s1
@@ -388,25 +424,6 @@ class SRNCConv2d(nn.Conv2d):
             out, _ = ops.reweight_forward(kernel, *inputs, *self.op_scalars())
         return out.reshape(weight.shape).to(weight.dtype)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() not in (3, 4):
-            raise ValueError(f"input must be (N, C, H, W) or (C, H, W), got shape {tuple(input.shape)}")
-        if input.shape[-3] != self.in_channels:
-            raise ValueError(
-                f"input has {input.shape[-3]} channels but the layer has in_channels={self.in_channels}"
-            )
-        if torch.jit.is_tracing() and self.training:
-            raise RuntimeError("torch.jit.trace of an SRNCConv2d in training mode would record one refresh as "
-                               "constants: trace the model in eval mode, or trace srnc_ext.to_conv2d(model)")
-        size = input.shape[-2:]
-        if not self.materialized:
-            self.set_input_size(self.input_size or tuple(size))
-        elif size != self._geometry.input_size and not _functional_mode():  # a tuple comparison: no sync
-            self._other_input_size(tuple(size))
-        if self.training and not _functional_mode() and self.is_stale():
-            _refresh.refresh_layers([self])
-        return self._conv_forward(input, self.effective_weight(), self.bias)
-
     # ------------------------------------------------------------------ nn.Module plumbing
     def extra_repr(self) -> str:
         return (
@@ -417,8 +434,8 @@ class SRNCConv2d(nn.Conv2d):
 
     def __prepare_scriptable__(self):
         raise RuntimeError(
-            "SRNCConv2d cannot be compiled by torch.jit.script (its forward refreshes Python-side state). "
-            "Export srnc_ext.to_conv2d(copy.deepcopy(model)) -- plain nn.Conv2d layers holding the effective "
+            f"{type(self).__name__} cannot be compiled by torch.jit.script (its forward refreshes Python-side state). "
+            "Export srnc_ext.to_conv2d(copy.deepcopy(model)) -- plain torch layers holding the effective "
             "weights, the same function in eval mode -- or use torch.jit.trace in eval mode, torch.export or "
             "torch.compile.")
 
@@ -474,19 +491,22 @@ class SRNCConv2d(nn.Conv2d):
         if (vectors["u_out"] is not None) != (self.variant == "projected"):
             saved = "projected" if vectors["u_out"] is not None else "paper"
             return fail(f" checkpoint has the vectors of variant={saved!r}, layer has variant={self.variant!r}")
-        v = vectors["v"]
-        if not isinstance(v, torch.Tensor) or v.dim() != 4 or v.shape[0] != 1 or v.shape[1] != self.in_channels:
+        name = "u" if self._TRANSPOSED else "v"  # the vector on the layer's input
+        v, n = vectors[name], self._SPATIAL_DIMS
+        if (not isinstance(v, torch.Tensor) or v.dim() != n + 2 or v.shape[0] != 1
+                or v.shape[1] != self._vector_channels()):
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            return fail(f"v: shape {shape} is not (1, in_channels={self.in_channels}, H, W)")
+            spatial = ", ".join("DHW"[3 - n:]) if n else "1"
+            return fail(f"{name}: shape {shape} is not (1, {self._vector_channels()}, {spatial})")
         try:
-            geometry = ConvGeometry.from_conv(self, tuple(int(s) for s in v.shape[-2:]))
+            geometry = self._geometry_for(tuple(int(s) for s in v.shape[2:]))
         except (TypeError, ValueError) as err:
-            return fail(f"v: {err}")
+            return fail(f"{name}: {err}")
         for name, expected in self.power_iteration.shapes(geometry).items():
             incoming = state_dict.get(prefix + name)
             if incoming is not None and (not isinstance(incoming, torch.Tensor) or tuple(incoming.shape) != expected):
                 shape = tuple(incoming.shape) if isinstance(incoming, torch.Tensor) else type(incoming).__name__
-                return fail(f"{name}: shape {shape} does not match {expected} (input size {geometry.input_size})")
+                return fail(f"{name}: shape {shape} does not match {expected} (input size {self._size_of(geometry)})")
         return geometry
 
     def _apply(self, fn, recurse=True):
@@ -501,7 +521,7 @@ class SRNCConv2d(nn.Conv2d):
                 source = new if old.is_meta and not new.is_meta else old
                 self._buffers[name] = new = source.to(device=new.device, dtype=target)
             if name in state.vector_names and new is not None:  # the memory format the refresh uses there
-                self._buffers[name] = new.contiguous(memory_format=_refresh.vector_format(new.device))
+                self._buffers[name] = new.contiguous(memory_format=_refresh.vector_format(new.device, new.dim() - 2))
         if self._geometry is not None and state.allocated:
             state.set_gram(self._geometry, target, self.weight.device)  # from the geometry: valid after to_empty too
             state.record_vectors()  # converted together: still consistent
@@ -522,59 +542,271 @@ class SRNCConv2d(nn.Conv2d):
         _refresh.register(self)
 
 
-class LazySRNCConv2d(_LazyConvXdMixin, SRNCConv2d):
-    """``SRNCConv2d`` whose ``in_channels`` is inferred from the first input, as ``nn.LazyConv2d``.
+    def _vector_channels(self) -> int:
+        """The channels of the power-iteration vector on the layer's input (``v``; ``u`` for a
+        transposed conv)."""
+        return self.in_channels
 
-    Same arguments as ``SRNCConv2d`` without ``in_channels``. ``weight`` and ``bias`` are
-    ``UninitializedParameter``s until the first forward, which materializes and initializes them
-    (``nn.Conv2d``'s init), sets ``input_size`` (the one given, else that input's) with a warmed-up
-    power iteration, and turns the module into an ``SRNCConv2d`` (``cls_to_become``), which then runs
-    that forward. Like torch's lazy modules, a ``state_dict`` can be loaded before the first forward
-    (its shapes materialize the parameters and, through the saved vectors, the input size); build
-    the optimizer after materializing. ``convert`` turns an ``nn.LazyConv2d`` into one.
+
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class _SRNCConv(SRNCLayer):
+    """SRN-C for ``nn.Conv1d/2d/3d``: the conv's own operator on ``input_size`` maps."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 alpha: float = 1.0, beta: float = 1.0, input_size=None, n_power_iterations: int = 1,
+                 eps: float = 1e-12, variant: str = "projected", backend: Optional[str] = None) -> None:
+        track, alpha, beta, eps = _check_srnc_args(dtype, input_size, padding_mode, alpha, beta, eps,
+                                                   n_power_iterations, variant, backend)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+                         device, dtype)
+        self._init_srnc(track=track, alpha=alpha, beta=beta, input_size=input_size,
+                        n_power_iterations=n_power_iterations, eps=eps, variant=variant, backend=backend)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
+        self._prepare_forward(tuple(input.shape[-self._SPATIAL_DIMS:]))
+        return self._conv_forward(input, self.effective_weight(), self.bias)
+
+
+class SRNCConv1d(_SRNCConv, nn.Conv1d):
+    __doc__ = ("``nn.Conv1d`` with Stable Rank Normalization of its true convolution operator (SRN-C): the forward "
+               "uses ``effective_weight()``, the raw ``weight`` divided by the spectral norm of the layer's operator "
+               "on ``input_size`` maps (padding mode, stride, dilation and groups included) and, for ``beta < 1``, "
+               "reweighted to lower its stable rank toward ``beta * min(dim_in, dim_out)``.\n\n"
+               "    Args (beyond ``nn.Conv1d``'s):" + _SRNC_ARGS_DOC)
+    _SPATIAL_DIMS = 1
+
+
+class SRNCConv2d(_SRNCConv, nn.Conv2d):
+    __doc__ = SRNCConv1d.__doc__.replace("Conv1d", "Conv2d")
+    _SPATIAL_DIMS = 2
+
+
+class SRNCConv3d(_SRNCConv, nn.Conv3d):
+    __doc__ = SRNCConv1d.__doc__.replace("Conv1d", "Conv3d")
+    _SPATIAL_DIMS = 3
+
+
+class _SRNCConvTranspose(SRNCLayer):
+    """SRN-C for ``nn.ConvTranspose1d/2d/3d``: the adjoint of the conv with the same weight, on the
+    transposed layer's output size (``ConvGeometry.for_transposed``; same singular values)."""
+
+    _TRANSPOSED = True
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0,
+                 groups: int = 1, bias: bool = True, dilation=1, padding_mode: str = "zeros", device=None, dtype=None,
+                 *, alpha: float = 1.0, beta: float = 1.0, input_size=None, n_power_iterations: int = 1,
+                 eps: float = 1e-12, variant: str = "projected", backend: Optional[str] = None) -> None:
+        track, alpha, beta, eps = _check_srnc_args(dtype, input_size, padding_mode, alpha, beta, eps,
+                                                   n_power_iterations, variant, backend)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias,
+                         dilation, padding_mode, device, dtype)
+        self._init_srnc(track=track, alpha=alpha, beta=beta, input_size=input_size,
+                        n_power_iterations=n_power_iterations, eps=eps, variant=variant, backend=backend)
+
+    def _geometry_for(self, size) -> ConvGeometry:
+        return ConvGeometry.for_transposed(self.weight.shape, size, stride=self.stride, padding=self.padding,
+                                           output_padding=self.output_padding, dilation=self.dilation,
+                                           groups=self.groups)
+
+    def forward(self, input: torch.Tensor, output_size: Optional[list] = None) -> torch.Tensor:
+        n = self._SPATIAL_DIMS
+        self._check_input(input)
+        output_padding = tuple(self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
+                                                    n, self.dilation))
+        self._prepare_forward(tuple(input.shape[-n:]))
+        if output_padding != tuple(self.output_padding) and not _functional_mode():
+            self._other_output_padding(output_padding)
+        return _CONV_TRANSPOSE[n](input, self.effective_weight(), self.bias, self.stride, self.padding,
+                                  output_padding, self.groups, self.dilation)
+
+    def _other_output_padding(self, output_padding: tuple) -> None:
+        if self._size_warned:
+            return
+        self._size_warned = True
+        warnings.warn(
+            f"SRN-C layer {self._display_name()}: normalized for output_padding={tuple(self.output_padding)} but "
+            f"forward's output_size gives output_padding={output_padding}: the operator that ran has more output "
+            f"rows than the one normalized, so sigma_1 = alpha is not guaranteed for it. Build the layer with that "
+            f"output_padding. Warned once per layer.", RuntimeWarning, stacklevel=3)
+
+
+class SRNCConvTranspose1d(_SRNCConvTranspose, nn.ConvTranspose1d):
+    __doc__ = ("``nn.ConvTranspose1d`` with SRN-C of its true operator: the adjoint of the conv with the same "
+               "weight, acting on this layer's output size (it has the same singular values). ``input_size`` is the "
+               "size of this layer's input; ``output_padding`` must be below the stride.\n\n"
+               "    Args (beyond ``nn.ConvTranspose1d``'s):" + _SRNC_ARGS_DOC)
+    _SPATIAL_DIMS = 1
+
+
+class SRNCConvTranspose2d(_SRNCConvTranspose, nn.ConvTranspose2d):
+    __doc__ = SRNCConvTranspose1d.__doc__.replace("ConvTranspose1d", "ConvTranspose2d")
+    _SPATIAL_DIMS = 2
+
+
+class SRNCConvTranspose3d(_SRNCConvTranspose, nn.ConvTranspose3d):
+    __doc__ = SRNCConvTranspose1d.__doc__.replace("ConvTranspose1d", "ConvTranspose3d")
+    _SPATIAL_DIMS = 3
+
+
+class SRNCLinear(SRNCLayer, nn.Linear):
+    """``nn.Linear`` with SRN (Sanyal et al.): the operator is the weight matrix itself, normalized to
+    spectral norm ``alpha`` and, for ``beta < 1``, to stable rank toward ``beta * min(in, out)``.
+
+    Args (beyond ``nn.Linear``'s): ``alpha``, ``beta``, ``n_power_iterations``, ``eps``, ``variant``,
+    ``backend`` as for ``SRNCConv2d``; there is no input size (``input_size`` is None). Inputs are
+    ``(..., in_features)``.
     """
 
-    cls_to_become = SRNCConv2d
+    _SPATIAL_DIMS = 1
 
-    def __init__(self, out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
-                 bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *, input_size=None,
-                 **kwargs) -> None:
-        track = isinstance(input_size, str)
-        # bias=False as nn.LazyConv2d does: no tensor is made that the materialization would replace
-        super().__init__(0, 0, kernel_size, stride, padding, dilation, groups, False, padding_mode, device, dtype,
-                         input_size=input_size if track else None, **kwargs)
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 alpha: float = 1.0, beta: float = 1.0, n_power_iterations: int = 1, eps: float = 1e-12,
+                 variant: str = "projected", backend: Optional[str] = None) -> None:
+        _, alpha, beta, eps = _check_srnc_args(dtype, None, "zeros", alpha, beta, eps, n_power_iterations, variant,
+                                               backend)
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._init_srnc(track=False, alpha=alpha, beta=beta, input_size=(1,), n_power_iterations=n_power_iterations,
+                        eps=eps, variant=variant, backend=backend)
+
+    def _geometry_for(self, size) -> ConvGeometry:
+        return ConvGeometry.for_linear(self.in_features, self.out_features)
+
+    @property
+    def input_size(self) -> None:
+        """None: the operator of a Linear is its matrix, whatever the input's shape."""
+        return None
+
+    def _vector_channels(self) -> int:
+        return self.in_features
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() < 1 or input.shape[-1] != self.in_features:
+            raise ValueError(f"input must be (..., in_features={self.in_features}), got shape {tuple(input.shape)}")
+        if torch.jit.is_tracing() and self.training:
+            raise RuntimeError("torch.jit.trace of an SRNCLinear in training mode would record one refresh as "
+                               "constants: trace the model in eval mode, or trace srnc_ext.to_conv2d(model)")
+        if self.training and not _functional_mode() and self.is_stale():
+            _refresh.refresh_layers([self])
+        return F.linear(input, self.effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{nn.Linear.extra_repr(self)}, alpha={self.alpha}, beta={self.beta}, variant={self.variant!r}, "
+                f"n_power_iterations={self.n_power_iterations}")
+
+
+class _LazySRNC(_LazyConvXdMixin):
+    """The lazy form of an SRN-C conv kind: ``in_channels`` inferred from the first input, as torch's
+    ``nn.LazyConv*d`` / ``nn.LazyConvTranspose*d``.
+
+    ``weight`` and ``bias`` are ``UninitializedParameter``s until the first forward, which
+    materializes and initializes them (the torch layer's init), sets ``input_size`` (the one given,
+    else that input's) with a warmed-up power iteration, and turns the module into its SRN-C kind
+    (``cls_to_become``), which then runs that forward. Like torch's lazy modules, a ``state_dict``
+    can be loaded before the first forward (its shapes materialize the parameters and, through the
+    saved vectors, the input size); build the optimizer after materializing. ``convert`` turns torch's
+    lazy convs into these.
+    """
+
+    def _finish_lazy(self, out_channels: int, bias: bool, device, dtype, input_size, track: bool) -> None:
         self.weight = UninitializedParameter(device=device, dtype=dtype)
         self.out_channels = out_channels
         if bias:
             self.bias = UninitializedParameter(device=device, dtype=dtype)
         self._pending_input_size = None
         if input_size is not None and not track:
-            size = pair(input_size, "input_size")
+            size = self._input_size_arg(input_size)
             # the size checks do not depend on the channels: refuse a bad size now, not at the first forward
-            ConvGeometry.create((out_channels, 1, *self.kernel_size), size, stride=self.stride, padding=self.padding,
-                                dilation=self.dilation, padding_mode=padding_mode)
+            probe = (1, 1, *self.kernel_size)
+            if self._TRANSPOSED:
+                ConvGeometry.for_transposed(probe, size, stride=self.stride, padding=self.padding,
+                                            output_padding=self.output_padding, dilation=self.dilation)
+            else:
+                ConvGeometry.create(probe, size, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                                    padding_mode=self.padding_mode)
             self._pending_input_size = size
 
     def _get_num_spatial_dims(self) -> int:
-        return 2
+        return self._SPATIAL_DIMS
 
     def initialize_parameters(self, input: torch.Tensor, *args, **kwargs) -> None:
-        if input.dim() not in (3, 4):
-            raise ValueError(f"input must be (N, C, H, W) or (C, H, W), got shape {tuple(input.shape)}")
+        self._check_lazy_input(input)
         super().initialize_parameters(input, *args, **kwargs)  # in_channels, weight, bias, reset_parameters
         if not self.materialized and self._pending_input_size is not None:
             self.set_input_size(self._pending_input_size)
 
+    def _check_lazy_input(self, input: torch.Tensor) -> None:
+        n = self._SPATIAL_DIMS
+        if input.dim() not in (n + 1, n + 2):
+            names = ("N", "C", *"DHW"[3 - n:])
+            raise ValueError(f"input must be ({', '.join(names)}) or ({', '.join(names[1:])}), got shape "
+                             f"{tuple(input.shape)}")
+
     def _lazy_load_hook(self, state_dict, prefix, *args) -> None:
         super()._lazy_load_hook(state_dict, prefix, *args)  # materializes weight/bias at the incoming shapes
         if not is_lazy(self.weight) and self.in_channels == 0:  # what the first forward would have inferred
-            self.in_channels = self.weight.shape[1] * self.groups
+            self.in_channels = self.weight.shape[0] if self._TRANSPOSED else self.weight.shape[1] * self.groups
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        # SRNCConv2d checks the incoming vectors against in_channels before nn.Module runs the load
+        # SRN-C layers check the incoming vectors against in_channels before nn.Module runs the load
         # pre-hooks: materialize first (the hook then finds nothing left to do)
         self._lazy_load_hook(state_dict, prefix, *args)
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+class _LazySRNCConv(_LazySRNC):
+    def __init__(self, out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
+                 bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *, input_size=None,
+                 **kwargs) -> None:
+        track = isinstance(input_size, str)
+        # bias=False as torch's lazy convs do: no tensor is made that the materialization would replace
+        super().__init__(0, 0, kernel_size, stride, padding, dilation, groups, False, padding_mode, device, dtype,
+                         input_size=input_size if track else None, **kwargs)
+        self._finish_lazy(out_channels, bias, device, dtype, input_size, track)
+
+
+class _LazySRNCConvTranspose(_LazySRNC):
+    def __init__(self, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0, groups: int = 1,
+                 bias: bool = True, dilation=1, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 input_size=None, **kwargs) -> None:
+        track = isinstance(input_size, str)
+        super().__init__(0, 0, kernel_size, stride, padding, output_padding, groups, False, dilation, padding_mode,
+                         device, dtype, input_size=input_size if track else None, **kwargs)
+        self._finish_lazy(out_channels, bias, device, dtype, input_size, track)
+
+
+class LazySRNCConv1d(_LazySRNCConv, SRNCConv1d):
+    """``SRNCConv1d`` with ``in_channels`` inferred from the first input (see ``_LazySRNC``)."""
+    cls_to_become = SRNCConv1d
+
+
+class LazySRNCConv2d(_LazySRNCConv, SRNCConv2d):
+    """``SRNCConv2d`` with ``in_channels`` inferred from the first input, as ``nn.LazyConv2d``: same
+    arguments as ``SRNCConv2d`` without ``in_channels`` (see ``_LazySRNC``)."""
+    cls_to_become = SRNCConv2d
+
+
+class LazySRNCConv3d(_LazySRNCConv, SRNCConv3d):
+    """``SRNCConv3d`` with ``in_channels`` inferred from the first input (see ``_LazySRNC``)."""
+    cls_to_become = SRNCConv3d
+
+
+class LazySRNCConvTranspose1d(_LazySRNCConvTranspose, SRNCConvTranspose1d):
+    """``SRNCConvTranspose1d`` with ``in_channels`` inferred from the first input (see ``_LazySRNC``)."""
+    cls_to_become = SRNCConvTranspose1d
+
+
+class LazySRNCConvTranspose2d(_LazySRNCConvTranspose, SRNCConvTranspose2d):
+    """``SRNCConvTranspose2d`` with ``in_channels`` inferred from the first input (see ``_LazySRNC``)."""
+    cls_to_become = SRNCConvTranspose2d
+
+
+class LazySRNCConvTranspose3d(_LazySRNCConvTranspose, SRNCConvTranspose3d):
+    """``SRNCConvTranspose3d`` with ``in_channels`` inferred from the first input (see ``_LazySRNC``)."""
+    cls_to_become = SRNCConvTranspose3d
 
 
 class _WeightCache:

@@ -72,7 +72,7 @@ class PowerIterationState:
 
     def shapes(self, geometry: ConvGeometry) -> Dict[str, tuple]:
         """The shape of every saved tensor for ``geometry``."""
-        taps = geometry.kernel_size[0] * geometry.kernel_size[1]
+        taps = geometry.taps
         slices = geometry.out_channels * geometry.in_channels // geometry.groups
         shapes = {name: geometry.output_shape() if name.startswith("u") else geometry.input_shape()
                   for name in self.vector_names}

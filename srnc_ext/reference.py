@@ -174,8 +174,7 @@ def reweighted_kernel(
     if beta >= 1.0:
         return kernel_n
     if variant == "paper":
-        h, w = geometry.output_size
-        return paper_reweight(kernel_n, s1, beta, geometry.full_rank, h * w)
+        return paper_reweight(kernel_n, s1, beta, geometry.full_rank, geometry.positions)
     if variant == "projected":
         if gram is None:
             gram = geometry.kernel_gram(kernel.dtype, kernel.device)

@@ -1,15 +1,17 @@
-"""Exact spectra of the linear operator of a conv layer.
+"""Exact spectra of the linear operator of a conv (or linear) layer.
 
-A conv layer with kernel ``K (C_out, C_in/groups, kh, kw)`` acting on ``(C_in, H, W)`` inputs
-is the linear map ``W: R^dim_in -> R^dim_out`` described by
+A conv layer with kernel ``K (C_out, C_in/groups, *k)`` acting on ``(C_in, *n)`` inputs (1, 2 or
+3 spatial dimensions) is the linear map ``W: R^dim_in -> R^dim_out`` described by
 :class:`srnc_ext.conv_operator.ConvGeometry` (padding mode, stride, dilation and groups included).
+A transposed conv is the adjoint of a conv (the same singular values, ``layer_kinds.operator_of``)
+and a Linear layer is its weight matrix.
 ``spectrum`` returns its singular values by one of three methods:
 
 * ``"fft"`` -- exact, circulant operators only (circular padding, stride 1, output size =
-  input size). Such a ``W`` is block-circulant, so it is block-diagonalised by the 2-D DFT:
-  its singular values are the union over the ``H*W`` frequencies ``w`` of the singular values
-  of the ``(C_out, C_in)`` matrices ``K_hat(w)``, the 2-D DFT of the kernel embedded in an
-  ``H x W`` grid (Sedghi, Gupta & Long 2019, "The singular values of convolutional layers").
+  input size). Such a ``W`` is block-circulant, so it is block-diagonalised by the N-D DFT:
+  its singular values are the union over the ``prod(n)`` frequencies ``w`` of the singular values
+  of the ``(C_out, C_in)`` matrices ``K_hat(w)``, the DFT of the kernel embedded in an
+  ``n``-sized grid (Sedghi, Gupta & Long 2019, "The singular values of convolutional layers").
   Dilation places the taps at dilated offsets; groups make ``K_hat(w)`` block-diagonal; the
   padding offset is a circular shift (a unit phase per frequency). Cost ``O(C^2 HW log HW)``.
 * ``"matrix"`` -- exact for every configuration: the explicit ``(dim_out, dim_in)`` matrix is
@@ -28,6 +30,7 @@ is cheap (``MAX_DENSE_TOP_K_FLOPS``), since ARPACK reaches its tolerance far fas
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -36,7 +39,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, svds
 from torch import nn
 
-from .conv_operator import ConvGeometry, SizeLike, pair
+from .conv_operator import ConvGeometry, SizeLike
 
 METHODS = ("auto", "fft", "matrix", "arpack")
 MAX_MATRIX_ENTRIES = 2**24  # largest explicit operator matrix (dim_out * dim_in) "matrix" builds
@@ -97,17 +100,19 @@ def fft_singular_values(geometry: ConvGeometry, kernel: torch.Tensor) -> torch.T
             f"input {geometry.input_size} -> output {geometry.output_size}. Use method='matrix' "
             "(exact, small operators), 'arpack' (matrix-free top-k) or 'auto'"
         )
-    (h, w), (dh, dw), (kh, kw) = geometry.input_size, geometry.dilation, geometry.kernel_size
+    size, n = geometry.input_size, geometry.ndim
     c_out, c_in_g = kernel.shape[:2]
-    # tap (a, b) sits at offset (dh*a, dw*b) mod (H, W): on maps smaller than the dilated kernel several
+    # tap a sits at offset d*a mod n in each dimension: on maps smaller than the dilated kernel several
     # taps wrap onto one pixel of the period and add up (one-hot placement, so they accumulate)
-    rows = torch.nn.functional.one_hot((dh * torch.arange(kh)) % h, h).to(kernel.dtype)  # (kh, H)
-    cols = torch.nn.functional.one_hot((dw * torch.arange(kw)) % w, w).to(kernel.dtype)  # (kw, W)
-    grid = torch.einsum("oiab,ah,bw->oihw", kernel, rows, cols)
-    left, _, top, _ = geometry.pad
-    k_hat = torch.fft.fft2(torch.roll(grid, (-top, -left), (-2, -1)))  # (C_out, C_in/g, H, W)
+    grid = kernel
+    for dim, (k, d, m) in enumerate(zip(geometry.kernel_size, geometry.dilation, size)):
+        place = torch.nn.functional.one_hot((d * torch.arange(k)) % m, m).to(kernel.dtype)  # (k, m)
+        grid = torch.tensordot(grid, place, dims=([2 + dim], [0])).movedim(-1, 2 + dim)
+    before = tuple(-geometry._pad_of(i)[0] for i in range(n))
+    spatial = tuple(range(-n, 0))
+    k_hat = torch.fft.fftn(torch.roll(grid, before, spatial), dim=spatial)  # (C_out, C_in/g, *n)
     g = geometry.groups
-    blocks = k_hat.reshape(g, c_out // g, c_in_g, h, w).permute(0, 3, 4, 1, 2)  # (g, H, W, Co/g, Ci/g)
+    blocks = k_hat.reshape(g, c_out // g, c_in_g, -1).permute(0, 3, 1, 2)  # (g, prod(n), Co/g, Ci/g)
     return torch.linalg.svdvals(blocks).flatten()
 
 
@@ -122,8 +127,8 @@ def operator_matrix(geometry: ConvGeometry, kernel: torch.Tensor) -> torch.Tenso
             f"explicit operator matrix {n_out} x {n_in} exceeds MAX_MATRIX_ENTRIES={MAX_MATRIX_ENTRIES}; "
             "use method='arpack' (or 'fft' for circulant operators)"
         )
-    hp, wp = geometry.padded_size
-    chunk = max(1, _CHUNK_ENTRIES // max(n_in, n_out, geometry.in_channels * hp * wp))
+    padded = geometry.in_channels * math.prod(geometry.padded_size)
+    chunk = max(1, _CHUNK_ENTRIES // max(n_in, n_out, padded))
     columns = []
     for start in range(0, n_in, chunk):
         stop = min(start + chunk, n_in)
@@ -160,22 +165,26 @@ def arpack_singular_values(geometry: ConvGeometry, kernel: torch.Tensor, k: int,
 
 # --------------------------------------------------------------------------- entry points
 def _resolve(weight_or_conv, input_size, config) -> Tuple[torch.Tensor, ConvGeometry]:
-    """The float64 kernel and the geometry, from a kernel tensor or an ``nn.Conv2d``."""
-    if isinstance(weight_or_conv, nn.Conv2d):
-        conv = weight_or_conv
+    """The float64 kernel and the geometry, from a kernel tensor (a conv's, 3 to 5 dims) or a layer
+    of a kind SRN-C covers (``layer_kinds``: convs, transposed convs, Linear; plain or SRN-C)."""
+    from .layer_kinds import TORCH_KINDS, operator_of  # layer_kinds imports the layers; spectral stays importable alone
+
+    if isinstance(weight_or_conv, TORCH_KINDS):
+        layer = weight_or_conv
         for name, value in config.items():
             if value is not None:
-                raise ValueError(f"{name} is taken from the module {type(conv).__name__}; do not pass {name}=")
-        if input_size is None:
-            input_size = getattr(conv, "input_size", None)
-        weight = conv.effective_weight() if hasattr(conv, "effective_weight") else conv.weight
-        config = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                      groups=conv.groups, padding_mode=conv.padding_mode)
-    elif isinstance(weight_or_conv, torch.Tensor):
+                raise ValueError(f"{name} is taken from the module {type(layer).__name__}; do not pass {name}=")
+        if input_size is None and not isinstance(layer, nn.Linear) and getattr(layer, "input_size", None) is None:
+            raise ValueError(f"input_size is required for a {type(layer).__name__} (the operator depends on it): "
+                             "pass input_size= (one int per spatial dimension)")
+        return operator_of(layer, input_size)
+    if isinstance(weight_or_conv, torch.Tensor):
         weight = weight_or_conv
         config = {name: _CONFIG[name] if value is None else value for name, value in config.items()}
     else:
-        raise TypeError(f"expected a 4-D kernel tensor or an nn.Conv2d, got {type(weight_or_conv).__name__}")
+        names = ", ".join(kind.__name__ for kind in TORCH_KINDS)
+        raise TypeError(f"expected a conv kernel tensor (3 to 5 dims) or a layer ({names}), got "
+                        f"{type(weight_or_conv).__name__}")
     if input_size is None:
         raise ValueError("input_size is required (the operator depends on it): pass input_size=(H, W)")
     kernel = weight.detach().to(device="cpu", dtype=torch.float64)
@@ -270,8 +279,8 @@ class LayerSpectrum:
     """One row of :func:`model_report`."""
 
     name: str
-    weight_shape: Tuple[int, int, int, int]
-    input_size: Tuple[int, int]
+    weight_shape: Tuple[int, ...]
+    input_size: Tuple[int, ...]  # () for a Linear layer; a transposed conv's input size
     sigma_max: float
     stable_rank: float
     stable_rank_fraction: float
@@ -288,31 +297,39 @@ def model_report(
     ncv: Optional[int] = None,
     maxiter: Optional[int] = None,
 ) -> List[LayerSpectrum]:
-    """Spectrum summary of every ``nn.Conv2d`` in ``model`` (``named_modules`` order): sigma_1
+    """Spectrum summary of every layer of a kind SRN-C covers in ``model`` (``named_modules`` order;
+    ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.Linear``, plain or SRN-C): sigma_1
     (``spectral_norm``'s rule: exact where cheap, else ARPACK to ``tol``, with ``ncv``/``maxiter``)
     and the stable rank. The ``method`` column says which ran.
 
-    ``input_size``: one size for every layer, or ``{qualified name: size}``; a layer missing
-    from it (or every layer, when ``None``) uses its own ``input_size`` attribute. One
-    ``UserWarning`` lists the conv-like modules it does not report (other conv kinds, ``Linear``,
-    deformable convs: see ``srnc_ext.convert.is_conv_like``).
+    ``input_size``: one size for every conv layer (an int fits every dimensionality), or
+    ``{qualified name: size}``; a layer missing from it (or every layer, when ``None``) uses its own
+    ``input_size`` attribute; a transposed conv's size is that of its input; Linear layers need none.
+    One ``UserWarning`` lists the conv-like modules it does not report (deformable convs and other
+    kinds: see ``srnc_ext.convert.is_conv_like``).
     """
     from .convert import warn_left_alone  # convert imports the layer; spectral stays importable alone
+    from .layer_kinds import TORCH_KINDS
 
-    warn_left_alone(model, lambda name, m: None if isinstance(m, nn.Conv2d) else f"{type(m).__name__}, not an nn.Conv2d",
-                    "spectral.model_report does not report")
+    warn_left_alone(model, lambda name, m: None if isinstance(m, TORCH_KINDS) else f"{type(m).__name__}, not a kind "
+                    "SRN-C covers", "spectral.model_report does not report")
     rows = []
-    for name, conv in model.named_modules():
-        if not isinstance(conv, nn.Conv2d):
+    for name, layer in model.named_modules():
+        if not isinstance(layer, TORCH_KINDS):
             continue
-        size = input_size.get(name) if isinstance(input_size, dict) else input_size
-        size = size if size is not None else getattr(conv, "input_size", None)
-        if size is None:
+        linear = isinstance(layer, nn.Linear)
+        size = None if linear else input_size.get(name) if isinstance(input_size, dict) else input_size
+        size = size if size is not None or linear else getattr(layer, "input_size", None)
+        if size is None and not linear:
             raise ValueError(f"no input_size for layer {name!r}: pass it in input_size or set the layer's input_size")
-        result = spectrum(conv, size, method=method, k=1, tol=tol, ncv=ncv, maxiter=maxiter)
-        rows.append(LayerSpectrum(name, tuple(conv.weight.shape), pair(size, "input_size"), result.sigma_max,
+        try:
+            result = spectrum(layer, size, method=method, k=1, tol=tol, ncv=ncv, maxiter=maxiter)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"layer {name!r}: {err}") from err
+        shown = () if linear else tuple(size) if not isinstance(size, int) else (size,) * (layer.weight.dim() - 2)
+        rows.append(LayerSpectrum(name, tuple(layer.weight.shape), shown, result.sigma_max,
                                   result.stable_rank, result.stable_rank_fraction, result.method,
-                                  getattr(conv, "residual", None)))
+                                  getattr(layer, "residual", None)))
     return rows
 
 
@@ -323,7 +340,7 @@ def format_report(rows: List[LayerSpectrum]) -> str:
         "|---|---|---|---:|---:|---:|---|---:|",
     ]
     for r in rows:
-        shape, size = "x".join(map(str, r.weight_shape)), "x".join(map(str, r.input_size))
+        shape, size = "x".join(map(str, r.weight_shape)), "x".join(map(str, r.input_size)) or "-"
         residual = "" if r.residual is None else f"{r.residual:.2e}"
         lines.append(f"| {r.name} | {shape} | {size} | {r.sigma_max:.4f} | {r.stable_rank:.3f} "
                      f"| {r.stable_rank_fraction:.4f} | {r.method} | {residual} |")

@@ -188,13 +188,16 @@ class _Unsupported(nn.Module):
 
 def test_convert_warns_once_listing_the_conv_like_modules_it_left_alone():
     model = _Unsupported()
-    with pytest.warns(UserWarning, match="srnc_ext.convert left alone 4 conv-like modules") as record:
+    with pytest.warns(UserWarning, match="srnc_ext.convert left alone 1 conv-like module") as record:
         convert(model, alpha=1.0)
     assert len(record) == 1 and isinstance(model.body, SRNCConv2d)
+    kinds = {"up": srnc_ext.SRNCConvTranspose2d, "temporal": srnc_ext.SRNCConv3d, "audio": srnc_ext.SRNCConv1d}
+    assert all(type(getattr(model, name)) is kind for name, kind in kinds.items())  # every conv kind by default
     message = str(record[0].message)
-    for name, kind in (("up", "ConvTranspose2d"), ("temporal", "Conv3d"), ("audio", "Conv1d"), ("head", "Linear")):
-        assert f"'{name}' ({kind}, not supported by SRN-C yet)" in message
-    assert "'body'" not in message
+    assert "'head' (Linear, not in types)" in message  # Linear only when types names it
+    assert all(f"'{name}'" not in message for name in ("up", "temporal", "audio", "body"))
+    convert(model, alpha=1.0, types=nn.Linear)
+    assert type(model.head) is srnc_ext.SRNCLinear
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         convert(nn.Sequential(nn.Conv2d(2, 2, 3), nn.ReLU()), alpha=1.0)  # nothing left alone: silent
@@ -213,8 +216,8 @@ def test_types_chooses_the_kinds_and_refuses_unsupported_ones():
     with pytest.warns(UserWarning, match=r"'0' \(Conv2d, not in types\)"):
         convert(model, alpha=1.0, types=nn.LazyConv2d)
     assert type(model[0]) is nn.Conv2d and type(model[1]) is LazySRNCConv2d
-    with pytest.raises(ValueError, match="types: .*ConvTranspose2d"):
-        convert(model, alpha=1.0, types=(nn.Conv2d, nn.ConvTranspose2d))
+    with pytest.raises(ValueError, match="types: .*ConvTranspose2d.*got BatchNorm2d"):
+        convert(model, alpha=1.0, types=(nn.Conv2d, nn.BatchNorm2d))
     with pytest.raises(TypeError, match="types"):
         convert(model, alpha=1.0, types=("Conv2d",))
 

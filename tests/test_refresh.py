@@ -111,7 +111,7 @@ def test_vector_layout_changes_speed_not_results(monkeypatch):
     channels_last = Wide()
     assert all(m.u.is_contiguous(memory_format=torch.channels_last) and not m.u.is_contiguous()
                for m in channels_last.modules() if isinstance(m, SRNCConv2d))
-    monkeypatch.setattr(refresh_module, "vector_format", lambda device: torch.contiguous_format)
+    monkeypatch.setattr(refresh_module, "vector_format", lambda device, spatial_dims=2: torch.contiguous_format)
     nchw = copy.deepcopy(channels_last)
     for m in nchw.modules():
         if isinstance(m, SRNCConv2d):
@@ -128,7 +128,7 @@ def test_vector_layout_changes_speed_not_results(monkeypatch):
             opt.step()
 
     train(channels_last, torch.Generator().manual_seed(1))
-    monkeypatch.setattr(refresh_module, "vector_format", lambda device: torch.contiguous_format)
+    monkeypatch.setattr(refresh_module, "vector_format", lambda device, spatial_dims=2: torch.contiguous_format)
     train(nchw, torch.Generator().manual_seed(1))
     assert nchw.body[0].u.is_contiguous() and channels_last.body[0].u.is_contiguous(memory_format=torch.channels_last)
     for (name, a), b in zip(channels_last.state_dict().items(), nchw.state_dict().values()):
@@ -165,7 +165,7 @@ def test_vectors_follow_the_memory_format_of_their_device(monkeypatch):
     layer = SRNCConv2d(4, 4, 3, padding=1, input_size=6)
     assert layer.u.is_contiguous(memory_format=torch.channels_last) and not layer.u.is_contiguous()
     # what .to(cuda) does to them, without a GPU: the device's format is applied on every _apply
-    monkeypatch.setattr(refresh_module, "vector_format", lambda device: torch.contiguous_format)
+    monkeypatch.setattr(refresh_module, "vector_format", lambda device, spatial_dims=2: torch.contiguous_format)
     before = layer.u.clone()
     layer.double()
     assert layer.u.is_contiguous() and layer.v.is_contiguous()
