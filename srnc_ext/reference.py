@@ -24,6 +24,12 @@ Two variants (see docs/variants.md for the derivation and the measured table):
   operator's Frobenius inner product, ``gamma = sqrt(beta * r - ||W(S1)||_F^2) / ||W(S2)||_F``
   with exact operator norms, and the reweighted kernel is renormalized by its own spectral
   norm (a second persistent power iteration), so ``sigma_1 = alpha`` holds for every beta.
+
+The floor ``tau`` (``srnc_weight(..., floor=tau)``, default 0 = none): SRN-C divides by the sigma
+estimate ``s = <K, S1>``, so at and near an all-zero kernel its gradient is about ``alpha / eps``.
+With ``tau > 0`` and ``lambda = min(1, max(s, 0) / tau)^2`` the weight is
+``lambda * W(K) + (1 - lambda) * (alpha / tau) * K`` (``W(K)`` the weight without the floor),
+unchanged for ``s >= tau`` and ``~ (alpha / tau) K`` near ``K = 0`` (``floored_weight``).
 """
 from __future__ import annotations
 
@@ -144,18 +150,43 @@ def srnc_weight(
     s1_out: Optional[torch.Tensor] = None,
     gram: Optional[torch.Tensor] = None,
     gram_pinv: Optional[torch.Tensor] = None,
+    floor: float = 0.0,
 ) -> torch.Tensor:
     """The effective weight ``alpha * K~`` given the power-iteration kernels (differentiable in ``kernel``).
 
     ``s1_out`` (projected variant, ``beta < 1``): ``rank_one_kernel`` of the second power
     iteration, which runs on ``reweighted_kernel(...)``; it renormalizes the result.
+    ``floor``: the floor ``tau >= 0`` on the sigma estimate (``floored_weight``; 0 = none).
     """
-    reweighted = reweighted_kernel(kernel, s1, geometry, beta=beta, eps=eps, variant=variant, gram=gram, gram_pinv=gram_pinv)
-    if needs_second_iteration(variant, beta):
-        if s1_out is None:
-            raise ValueError("s1_out is required by the projected variant when beta < 1")
-        reweighted = spectral_normalize(reweighted, s1_out, eps)
-    return alpha * reweighted
+    if needs_second_iteration(variant, beta) and s1_out is None:
+        raise ValueError("s1_out is required by the projected variant when beta < 1")
+    if not (floor >= 0.0 and floor < float("inf")):
+        raise ValueError(f"floor must be finite and >= 0, got {floor}")
+
+    def unfloored(k: torch.Tensor) -> torch.Tensor:
+        reweighted = reweighted_kernel(k, s1, geometry, beta=beta, eps=eps, variant=variant, gram=gram,
+                                       gram_pinv=gram_pinv)
+        if needs_second_iteration(variant, beta):
+            reweighted = spectral_normalize(reweighted, s1_out, eps)
+        return alpha * reweighted
+
+    if floor == 0.0:
+        return unfloored(kernel)
+    return floored_weight(kernel, s1, unfloored, alpha=alpha, floor=floor)
+
+
+def floored_weight(kernel: torch.Tensor, s1: torch.Tensor, weight, *, alpha: float, floor: float) -> torch.Tensor:
+    """``lambda * weight(K) + (1 - lambda) * (alpha / tau) * K`` with ``lambda = min(1, max(s, 0) / tau)^2``,
+    ``s = <K, S1>``, ``tau = floor > 0``: ``weight(K)`` where ``s >= tau``; where ``lambda = 0`` (``s <= 0``,
+    or ``lambda`` underflows) ``weight`` is not evaluated (it divides by ``s + eps``)."""
+    s = (kernel * s1).sum()
+    lam = (s.clamp_min(0.0) / floor).clamp(max=1.0) ** 2
+    if bool(lam >= 1.0):
+        return weight(kernel)
+    base = (alpha / floor) * kernel
+    if not bool(lam > 0.0):
+        return (1.0 - lam) * base
+    return lam * weight(kernel) + (1.0 - lam) * base
 
 
 def reweighted_kernel(

@@ -4,6 +4,9 @@ tolerance rules and the backends under test.
 - ``op_case(L, shape, variant, beta, padding_mode)``: float64 arguments of the stacked ops for
   ``L`` random layers with converged power-iteration kernels (``oracles.refreshed_layers``); with
   ``beta=None`` the stable-rank target is placed so that gamma straddles 1 across the stack.
+- ``floored(case)``: the case with the ops' ``floor`` (tau) set between its layers' sigma estimates
+  (some layers below the floor, blended towards ``(alpha / tau) K``, some above it, unchanged);
+  ``below_floor`` says which.
 - ``LAYOUTS`` / ``strided``: the same values in non-contiguous memory.
 - ``oracle`` (``srnc_ext.ops.naive`` in float64) and ``run_op`` (an op set's forward, and its
   backward through autograd).
@@ -31,7 +34,7 @@ LOW = (torch.float16, torch.bfloat16)
 DTYPES = (F64, torch.float32) + LOW
 ALPHA, EPS = 1.7, 1e-12
 TENSORS = ("kernel", "s1", "direction", "s1_out", "gram", "consts")
-SCALARS = ("alpha", "beta_rank", "positions", "eps", "variant")
+SCALARS = ("alpha", "beta_rank", "positions", "eps", "variant")  # and "floor" (default 0) where a case sets it
 VARIANTS = {"sn": Variant.SN, "paper": Variant.PAPER, "projected": Variant.PROJECTED}
 
 # name -> ((C_out, C_in, kh, kw), padding): odd channel counts, M*T from 35 to 5049; input maps are
@@ -174,6 +177,26 @@ def reweighted_layers(case: OpCase) -> torch.Tensor:
     _, b = coefficients(*stats.unbind(1), *case.tensors["consts"].unbind(1), s["alpha"], s["beta_rank"],
                         s["positions"], s["eps"], s["variant"])
     return b != 0
+
+
+def _sigma_estimates(case: OpCase) -> torch.Tensor:
+    return naive.reweight_forward(**case.tensors, **{**case.scalars, "floor": 0.0})[1][:, 0]
+
+
+def floored(case: OpCase) -> OpCase:
+    """``case`` with ``floor`` (tau) in the widest relative gap between its layers' sigma estimates ``s``
+    (far from every layer's ``s``: some layers below the floor, some above); one layer: ``tau = 1.5 s``."""
+    s = _sigma_estimates(case).sort().values.tolist()
+    assert s[0] > 0, "op_case layers have converged vectors: s = sigma_1 > 0"
+    if len(s) == 1:
+        return case.with_scalars(floor=1.5 * s[0])
+    i = max(range(len(s) - 1), key=lambda j: s[j + 1] / s[j])
+    return case.with_scalars(floor=(s[i] * s[i + 1]) ** 0.5)
+
+
+def below_floor(case: OpCase) -> torch.Tensor:
+    """Per layer, whether its sigma estimate is below the case's floor (the floor's blend acts)."""
+    return _sigma_estimates(case) < case.scalars.get("floor", 0.0)
 
 
 # ---------------------------------------------------------------------------------------------- oracle and op

@@ -4,11 +4,15 @@ pure-PyTorch oracle ``srnc_ext.ops.naive``, on the shared inputs and tolerances 
 float64 and float32 are compared with the float64 oracle on the same (rounded) inputs; float16 and
 bfloat16 follow the low-precision rule (``op_harness.assert_low_precision``). The compiled CUDA
 kernels run under the ``gpu`` marker; Triton runs on a GPU, else through its interpreter on CPU.
+Every forward/backward case runs twice: without the floor and with ``floor`` (tau) between the
+layers' sigma estimates (``op_harness.floored``), and near-zero kernels (all below the floor) have
+their own cases.
 """
 import pytest
 import torch
 from op_harness import (BACKENDS, DTYPES, EPS, F64, LAYOUTS, LOW, TENSORS, TRITON, assert_low_precision,
-                        assert_matches, dtype_id, op_case, oracle, reweighted_layers, run_op, scales, strided)
+                        assert_matches, below_floor, dtype_id, floored, op_case, oracle, reweighted_layers, run_op,
+                        scales, strided)
 
 from srnc_ext.ops import naive
 
@@ -43,14 +47,16 @@ def _case_id(case):
     return f"L{L}-{shape}-{variant}-{target}-{padding_mode}"
 
 
-FORWARD_BACKWARD = [pytest.param(param.values[0], case, dtype, id=f"{param.id}-{_case_id(case)}-{dtype_id(dtype)}",
+FORWARD_BACKWARD = [pytest.param(param.values[0], case, dtype, floor,
+                                 id=f"{param.id}-{_case_id(case)}-{dtype_id(dtype)}{'-floor' if floor else ''}",
                                  marks=param.marks)
-                    for param in BACKENDS for case, dtype in _matrix(param.values[0])]
+                    for param in BACKENDS for case, dtype in _matrix(param.values[0]) for floor in (False, True)]
 
 
-@pytest.mark.parametrize("backend,case,dtype", FORWARD_BACKWARD)
-def test_forward_backward_match_oracle(backend, case, dtype):
-    c = op_case(*case)
+@pytest.mark.parametrize("backend,case,dtype,floor", FORWARD_BACKWARD)
+def test_forward_backward_match_oracle(backend, case, dtype, floor):
+    """``floor``: with the floor between the layers' sigma estimates (``op_harness.floored``)."""
+    c = floored(op_case(*case)) if floor else op_case(*case)
     layout = None if case in STRADDLING else "offset"
     inputs, grad = c.cast(dtype, backend.device, layout), c.grad.to(backend.device, dtype)
     if layout is not None:
@@ -81,6 +87,36 @@ def test_large_eps_matches_oracle(backend, variant, beta):
     expected = oracle(c.tensors, c.scalars, c.grad)
     for name, g, e, s in zip(("out", "stats", "grad_kernel"), got, expected, scales(expected, c.tensors["kernel"], c.grad)):
         assert_matches(g, e, F64, s, name)
+
+
+def test_floored_cases_cover_both_floor_regimes():
+    """Each floored stack of more than one layer holds layers below the floor and above it."""
+    for case in STRADDLING + FIXED:
+        below = below_floor(floored(op_case(*case)))
+        assert below.all() if case[0] == 1 else set(below.tolist()) == {True, False}, case
+
+
+# near-zero kernels (a zero-initialized layer, and early in its training): all layers below the floor
+NEAR_ZERO = [(variant, dtype, scale) for variant in ("sn", "paper", "projected") for dtype in (F64, torch.float32)
+             for scale in (0.0, 1e-3, 1e-12, 1e-18)]
+
+
+@pytest.mark.parametrize("variant,dtype,scale", NEAR_ZERO,
+                         ids=lambda v: dtype_id(v) if isinstance(v, torch.dtype) else str(v))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_near_zero_kernels_below_the_floor_match_oracle(backend, variant, dtype, scale):
+    c = op_case(3, "5x3", variant, 0.3 if variant == "paper" else 0.1 if variant == "projected" else None, "reflect")
+    tensors = {**c.tensors, "kernel": c.tensors["kernel"] * scale}
+    c = type(c)(c.geometry, tensors, {**c.scalars, "floor": c.scalars["alpha"]}, c.grad)
+    inputs, grad = c.cast(dtype, backend.device, "offset"), strided(c.grad.to(backend.device, dtype))
+    got = run_op(backend.ops, inputs, c.scalars, grad)
+    rounded = {k: v.cpu().to(F64) for k, v in inputs.items()}
+    expected = oracle(rounded, c.scalars, grad.cpu().to(F64))
+    assert all(torch.isfinite(g).all() for g in got)
+    scale_out, scale_stats, _ = scales(expected, rounded["kernel"], grad.cpu().to(F64)) if scale else (1.0, 1.0, 1.0)
+    grad_scale = c.scalars["alpha"] / c.scalars["floor"] * grad.abs().max().cpu().to(F64)  # |dL/dK| <~ alpha/tau |g|
+    for name, g, e, s in zip(("out", "stats", "grad_kernel"), got, expected, (scale_out, scale_stats, grad_scale)):
+        assert_matches(g, e, dtype, s, name)
 
 
 def test_cases_cover_both_gamma_regimes():
@@ -187,10 +223,11 @@ def test_normalize_segments_rows_layout(backend, P, L, M, dtype):
     torch.testing.assert_close(got[:, L // 2].cpu(), fallback[:, L // 2].to(dtype), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("floor", (False, True), ids=("no-floor", "floor"))
 @pytest.mark.parametrize("variant", ("paper", "projected"))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend, variant):
-    c = op_case(3, "3x3", variant)
+def test_opcheck(backend, variant, floor):
+    c = floored(op_case(3, "3x3", variant)) if floor else op_case(3, "3x3", variant)
     tensors = c.cast(F64, backend.device)
     kernel = tensors["kernel"].clone().requires_grad_()
     scalars = list(c.scalars.values())

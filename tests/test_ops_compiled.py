@@ -19,7 +19,7 @@ def _bad(**changes):
     c = op_case(3, "3x3", "projected")
     args = {**c.cast(F64), **c.scalars}
     for name, change in changes.items():
-        args[name] = change(args[name])
+        args[name] = change(args.get(name, 0.0))  # floor: not in op_case's scalars (default 0)
     return args
 
 
@@ -34,6 +34,8 @@ BAD = {
     "consts shape": (dict(consts=lambda c: c[:, :1]), "consts must be (L, 2)"),
     "consts layers": (dict(consts=lambda c: c[:2]), "consts must be (L, 2)"),
     "variant": (dict(variant=lambda v: 3), "variant must be 0"),
+    "floor": (dict(floor=lambda f: -1.0), "floor must be finite and >= 0"),
+    "floor nan": (dict(floor=lambda f: float("nan")), "floor must be finite and >= 0"),
     "device": (dict(s1=lambda x: x.to("meta")), "s1 must be on kernel's device"),
 }
 

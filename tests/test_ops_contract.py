@@ -19,7 +19,8 @@ def _args():
     tensor = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=gen)  # noqa: E731
     return dict(grad=tensor(L, M, T), kernel=tensor(L, M, T), s1=tensor(L, M, T), direction=tensor(L, M, T),
                 s1_out=tensor(L, M, T), gram=torch.eye(T, dtype=torch.float64), consts=tensor(L, 2).abs() + 1,
-                stats=tensor(L, 3).abs() + 1, alpha=1.5, beta_rank=10.0, positions=25.0, eps=1e-12, variant=2)
+                stats=tensor(L, 3).abs() + 1, alpha=1.5, beta_rank=10.0, positions=25.0, eps=1e-12, variant=2,
+                floor=0.0)
 
 
 # (argument, bad value from the good arguments): one case per argument of the reweight ops
@@ -36,6 +37,9 @@ REWEIGHT_BAD = [
     ("positions", lambda a: -1.0),
     ("eps", lambda a: 0.0),
     ("variant", lambda a: 3),
+    ("floor", lambda a: -1.0),
+    ("floor", lambda a: float("nan")),
+    ("floor", lambda a: float("inf")),
 ]
 NORMALIZE_BAD = [
     ("x", lambda x, f: (x[0], f[0])),
@@ -48,7 +52,7 @@ def _call(ops, op, args):
     names = ["kernel", "s1", "direction", "s1_out", "gram", "consts"]
     if op == "reweight_backward":
         names = ["grad", *names, "stats"]
-    scalars = [args[n] for n in ("alpha", "beta_rank", "positions", "eps", "variant")]
+    scalars = [args[n] for n in ("alpha", "beta_rank", "positions", "eps", "variant", "floor")]
     return getattr(ops, op)(*[args[n] for n in names], *scalars)
 
 
@@ -60,8 +64,9 @@ def _error(fn):
     return None, None
 
 
-REWEIGHT_CASES = [pytest.param(op, name, bad, id=f"{op}-{name}") for op in ("reweight_forward", "reweight_backward")
-                  for name, bad in REWEIGHT_BAD if op == "reweight_backward" or name not in ("grad", "stats")]
+REWEIGHT_CASES = [pytest.param(op, name, bad, id=f"{op}-{name}-{i}")
+                  for op in ("reweight_forward", "reweight_backward") for i, (name, bad) in enumerate(REWEIGHT_BAD)
+                  if op == "reweight_backward" or name not in ("grad", "stats")]
 
 
 @pytest.mark.parametrize("op,name,bad", REWEIGHT_CASES)

@@ -1,7 +1,9 @@
 // Arithmetic shared by the CPU (srnc_ops.cpp) and CUDA (srnc_ops_cuda.cu) kernels of the srnc_ext ops.
 //
-// coefficients / coefficients_vjp are line-by-line transcriptions of srnc_ext/ops/coefficients.py,
-// and the op structs below transcribe srnc_ext/ops/reweight_ref.py. Every op has the same shape:
+// coefficients / coefficients_vjp are line-by-line transcriptions of srnc_ext/ops/coefficients.py's
+// _unfloored_* functions, floored_coefficients / floored_coefficients_vjp of its coefficients /
+// coefficients_vjp with a floor tau > 0 (tau = 0 runs the unfloored ones, exactly as without the
+// floor), and the op structs below transcribe srnc_ext/ops/naive.py. Every op has the same shape:
 // per layer l, sum kSums values over the layer's elements (accumulate), turn the sums into the
 // layer's scalars (scalars), then write each element (write). Each backend runs that loop once
 // (run_layerwise_cpu / the CUDA layerwise kernel); no torch types appear here.
@@ -126,6 +128,53 @@ SRNC_HOST_DEVICE inline CoefficientsVjp<acc_t> coefficients_vjp(
   return {g_s + g_d, g_q, g_p};
 }
 
+// The floor tau > 0 on the sigma estimate s (coefficients.py): x = min(max(s, 0) / tau, 1),
+// lambda = x^2, lambda' = 2 x / tau where x < 1 (else 0); A' = lambda A + (1 - lambda) alpha / tau,
+// B' = lambda B, with (A, B) evaluated only where lambda > 0 (0 elsewhere: no 0 * inf).
+template <typename acc_t>
+struct FloorWeights { acc_t x, lam, dlam; };
+
+template <typename acc_t>
+SRNC_HOST_DEVICE inline FloorWeights<acc_t> floor_weights(acc_t s, acc_t tau) {
+  const acc_t zero = 0, one = 1, two = 2;
+  const acc_t x = clamp_max(clamp_min(s, zero) / tau, one);
+  return {x, x * x, x < one ? two * x / tau : zero};
+}
+
+// alpha / tau in double (Python-float math in the spec), rounded once.
+template <typename acc_t>
+SRNC_HOST_DEVICE inline acc_t floor_base(double alpha, double tau) { return static_cast<acc_t>(alpha / tau); }
+
+template <typename acc_t>
+SRNC_HOST_DEVICE inline Coefficients<acc_t> floored_coefficients(
+    acc_t s, acc_t q, acc_t p, acc_t c0, acc_t c1,
+    double alpha, double beta_rank, double positions, double eps, int variant, double floor_) {
+  Coefficients<acc_t> c = coefficients<acc_t>(s, q, p, c0, c1, alpha, beta_rank, positions, eps, variant);
+  if (!(floor_ > 0)) return c;
+  const acc_t zero = 0, one = 1, tau = floor_, base = floor_base<acc_t>(alpha, floor_);
+  const FloorWeights<acc_t> w = floor_weights(s, tau);
+  const bool live = w.lam > zero;
+  const acc_t a = live ? c.a : zero, b = live ? c.b : zero;
+  return {w.lam * a + (one - w.lam) * base, w.lam * b};
+}
+
+template <typename acc_t>
+SRNC_HOST_DEVICE inline CoefficientsVjp<acc_t> floored_coefficients_vjp(
+    acc_t s, acc_t q, acc_t p, acc_t c0, acc_t c1, acc_t g_a, acc_t g_b,
+    double alpha, double beta_rank, double positions, double eps, int variant, double floor_) {
+  if (!(floor_ > 0)) return coefficients_vjp<acc_t>(s, q, p, c0, c1, g_a, g_b, alpha, beta_rank, positions, eps, variant);
+  const acc_t zero = 0, one = 1, tau = floor_, base = floor_base<acc_t>(alpha, floor_);
+  const FloorWeights<acc_t> w = floor_weights(s, tau);
+  const bool live = w.lam > zero;
+  const Coefficients<acc_t> c = coefficients<acc_t>(s, q, p, c0, c1, alpha, beta_rank, positions, eps, variant);
+  const acc_t a = live ? c.a : zero, b = live ? c.b : zero;
+  const CoefficientsVjp<acc_t> g =
+      coefficients_vjp<acc_t>(s, q, p, c0, c1, w.lam * g_a, w.lam * g_b, alpha, beta_rank, positions, eps, variant);
+  const acc_t g_s = live ? g.s : zero, g_q = live ? g.q : zero, g_p = live ? g.p : zero;
+  const acc_t g_lam = w.x < one ? g_a * (a - base) + g_b * b : zero;  // dL/dlambda; lambda' = 0 at s >= tau
+  return {g_s + w.dlam * g_lam, g_q, g_p};
+}
+
 // ---- The ops, as plain structs of pointers and sizes (contiguous tensors) ----
 
 // normalize_segments: x, fallback, out (rows, layers, inner), contiguous; layer l's segment is
@@ -177,6 +226,7 @@ struct ReweightArgs {
   int64_t layers, slices, taps;
   double alpha, beta_rank, positions, eps;
   int variant;
+  double floor;  // tau >= 0; 0: no floor
 
   SRNC_HOST_DEVICE int64_t size() const { return slices * taps; }
   SRNC_HOST_DEVICE bool projected() const { return variant == kVariantProjected; }
@@ -190,7 +240,8 @@ struct ReweightArgs {
     return acc;
   }
   SRNC_HOST_DEVICE Coefficients<acc_t> coeffs(int64_t l, acc_t s, acc_t q, acc_t p) const {
-    return coefficients<acc_t>(s, q, p, consts[2 * l], consts[2 * l + 1], alpha, beta_rank, positions, eps, variant);
+    return floored_coefficients<acc_t>(s, q, p, consts[2 * l], consts[2 * l + 1], alpha, beta_rank, positions, eps,
+                                       variant, floor);
   }
 };
 
@@ -240,9 +291,9 @@ struct ReweightBackwardOp : ReweightArgs<scalar_t, acc_t_> {
   SRNC_HOST_DEVICE BackwardScalars<acc_t> scalars(int64_t l, const acc_t* sums) const {
     const acc_t s = stats[3 * l], q = stats[3 * l + 1], p = stats[3 * l + 2];
     const acc_t a = this->coeffs(l, s, q, p).a;
-    const CoefficientsVjp<acc_t> g = coefficients_vjp<acc_t>(
+    const CoefficientsVjp<acc_t> g = floored_coefficients_vjp<acc_t>(
         s, q, p, this->consts[2 * l], this->consts[2 * l + 1], sums[0], sums[1],
-        this->alpha, this->beta_rank, this->positions, this->eps, this->variant);
+        this->alpha, this->beta_rank, this->positions, this->eps, this->variant, this->floor);
     return {a, g.s, acc_t(2) * g.q, g.p};
   }
   SRNC_HOST_DEVICE void record(int64_t, const acc_t*) const {}

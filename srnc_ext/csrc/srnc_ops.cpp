@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <tuple>
 
 #include "srnc_coefficients.h"
@@ -174,9 +175,11 @@ struct ReweightInputs {
 };
 
 ReweightInputs reweight_inputs(const char* op, const Tensor& kernel, const Tensor& s1, const Tensor& direction,
-                               const Tensor& s1_out, const Tensor& gram, const Tensor& consts, int64_t variant) {
+                               const Tensor& s1_out, const Tensor& gram, const Tensor& consts, int64_t variant,
+                               double floor) {
   TORCH_CHECK(variant == kVariantSN || variant == kVariantPaper || variant == kVariantProjected, op,
               ": variant must be 0 (SN), 1 (paper) or 2 (projected), got ", variant);
+  TORCH_CHECK(std::isfinite(floor) && floor >= 0, op, ": floor must be finite and >= 0, got ", floor);
   TORCH_CHECK(kernel.dim() == 3, op, ": kernel must be (L, M, T), got shape ", kernel.sizes());
   check_dtype(op, kernel, "kernel");
   check_like(op, kernel, "kernel", s1, "s1");
@@ -192,12 +195,13 @@ ReweightInputs reweight_inputs(const char* op, const Tensor& kernel, const Tenso
 
 template <typename scalar_t, typename acc_t>
 ReweightArgs<scalar_t, acc_t> reweight_args(const ReweightInputs& in, const Tensor& out, double alpha,
-                                            double beta_rank, double positions, double eps, int64_t variant) {
+                                            double beta_rank, double positions, double eps, int64_t variant,
+                                            double floor) {
   return {in.kernel.const_data_ptr<scalar_t>(), in.s1.const_data_ptr<scalar_t>(),
           in.direction.const_data_ptr<scalar_t>(), in.s1_out.const_data_ptr<scalar_t>(),
           in.gram.const_data_ptr<acc_t>(), in.consts.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
           in.kernel.size(0), in.kernel.size(1), in.kernel.size(2), alpha, beta_rank, positions, eps,
-          static_cast<int>(variant)};
+          static_cast<int>(variant), floor};
 }
 
 // ---- the ops ----
@@ -226,16 +230,16 @@ Tensor normalize_segments(const Tensor& x_, const Tensor& fallback_, double eps)
 std::tuple<Tensor, Tensor> reweight_forward(const Tensor& kernel, const Tensor& s1, const Tensor& direction,
                                             const Tensor& s1_out, const Tensor& gram, const Tensor& consts,
                                             double alpha, double beta_rank, double positions, double eps,
-                                            int64_t variant) {
+                                            int64_t variant, double floor) {
   const char* op = "reweight_forward";
   const at::OptionalDeviceGuard guard(at::device_of(kernel));
-  const ReweightInputs in = reweight_inputs(op, kernel, s1, direction, s1_out, gram, consts, variant);
+  const ReweightInputs in = reweight_inputs(op, kernel, s1, direction, s1_out, gram, consts, variant, floor);
   Tensor out = at::empty(kernel.sizes(), in.kernel.options());
   Tensor stats = at::empty({kernel.size(0), 3}, in.consts.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kernel.scalar_type(), "reweight_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ReweightForwardOp<scalar_t, acc_t> impl{
-        reweight_args<scalar_t, acc_t>(in, out, alpha, beta_rank, positions, eps, variant),
+        reweight_args<scalar_t, acc_t>(in, out, alpha, beta_rank, positions, eps, variant, floor),
         stats.mutable_data_ptr<acc_t>()};
     run_layerwise(impl, in.kernel);
   });
@@ -244,10 +248,11 @@ std::tuple<Tensor, Tensor> reweight_forward(const Tensor& kernel, const Tensor& 
 
 Tensor reweight_backward(const Tensor& grad, const Tensor& kernel, const Tensor& s1, const Tensor& direction,
                          const Tensor& s1_out, const Tensor& gram, const Tensor& consts, const Tensor& stats,
-                         double alpha, double beta_rank, double positions, double eps, int64_t variant) {
+                         double alpha, double beta_rank, double positions, double eps, int64_t variant,
+                         double floor) {
   const char* op = "reweight_backward";
   const at::OptionalDeviceGuard guard(at::device_of(kernel));
-  const ReweightInputs in = reweight_inputs(op, kernel, s1, direction, s1_out, gram, consts, variant);
+  const ReweightInputs in = reweight_inputs(op, kernel, s1, direction, s1_out, gram, consts, variant, floor);
   check_like(op, kernel, "kernel", grad, "grad");
   check_small(op, kernel, stats, "stats", {kernel.size(0), 3}, "(L, 3)");
   const Tensor grad_c = grad.contiguous(), stats_c = stats.to(in.consts.scalar_type()).contiguous();
@@ -255,7 +260,7 @@ Tensor reweight_backward(const Tensor& grad, const Tensor& kernel, const Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kernel.scalar_type(), "reweight_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ReweightBackwardOp<scalar_t, acc_t> impl{
-        reweight_args<scalar_t, acc_t>(in, out, alpha, beta_rank, positions, eps, variant),
+        reweight_args<scalar_t, acc_t>(in, out, alpha, beta_rank, positions, eps, variant, floor),
         grad_c.const_data_ptr<scalar_t>(), stats_c.const_data_ptr<acc_t>()};
     run_layerwise(impl, in.kernel);
   });

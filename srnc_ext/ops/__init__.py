@@ -4,7 +4,8 @@ The functions exported here dispatch: ``normalize_segments``, ``reweight_forward
 ``reweight_backward`` run on the backend ``srnc_ext.backends`` picks for the tensors' device (the
 compiled C++/CUDA ops, Triton, or the pure-PyTorch reference). Beside them: ``naive.py``, the
 pure-PyTorch implementation (the oracle of the kernels), ``coefficients.py``, the per-layer scalar
-math every backend transcribes, ``compiled.py`` / ``triton_ops.py``, the two fast backends.
+math every backend transcribes (with the optional floor ``tau`` on the sigma estimate, the ops'
+last argument ``floor``, default 0 = none), ``compiled.py`` / ``triton_ops.py``, the two fast backends.
 """
 from .coefficients import VARIANT_PAPER, VARIANT_PROJECTED, VARIANT_SN, coefficients, coefficients_vjp
 from .contract import Variant
@@ -23,17 +24,19 @@ def normalize_segments(x, fallback, eps):
     return _backend_ops(x).normalize_segments(x, fallback, eps)
 
 
-def reweight_forward(kernel, s1, direction, s1_out, gram, consts, alpha, beta_rank, positions, eps, variant):
-    """``(out (L, M, T), stats (L, 3))`` on the selected backend; differentiable in ``kernel``."""
+def reweight_forward(kernel, s1, direction, s1_out, gram, consts, alpha, beta_rank, positions, eps, variant,
+                     floor=0.0):
+    """``(out (L, M, T), stats (L, 3))`` on the selected backend; differentiable in ``kernel``; ``floor``:
+    the floor ``tau`` on the sigma estimate (``coefficients.py``; 0 = none)."""
     return _backend_ops(kernel).reweight_forward(kernel, s1, direction, s1_out, gram, consts, alpha, beta_rank,
-                                                 positions, eps, variant)
+                                                 positions, eps, variant, floor)
 
 
 def reweight_backward(grad, kernel, s1, direction, s1_out, gram, consts, stats, alpha, beta_rank, positions, eps,
-                      variant):
-    """``dL/dK (L, M, T)`` from ``dL/d out`` on the selected backend."""
+                      variant, floor=0.0):
+    """``dL/dK (L, M, T)`` from ``dL/d out`` on the selected backend (``floor`` as in ``reweight_forward``)."""
     return _backend_ops(kernel).reweight_backward(grad, kernel, s1, direction, s1_out, gram, consts, stats, alpha,
-                                                  beta_rank, positions, eps, variant)
+                                                  beta_rank, positions, eps, variant, floor)
 
 
 __all__ = [

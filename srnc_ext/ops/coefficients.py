@@ -21,8 +21,25 @@ and ``(gs, gq, gp) = coefficients_vjp(...)``,
 Variants (``VARIANT_*``): 0 = spectral normalization only (beta = 1), 1 = paper (Algorithm 2
 literally), 2 = projected with renormalization. Clamps use ``tiny = finfo(dtype).tiny``
 exactly like ``srnc_ext.reference``; ``min(gamma, 1)`` passes gradient only where gamma < 1.
+
+The floor (``floor = tau >= 0``, per call; 0 is the formulas above, exactly): SRN-C divides by
+``s``, so at and near an all-zero kernel (a zero-initialized layer) the weight's gradient is about
+``alpha / eps``. With ``tau > 0``, ``lambda = min(1, max(s, 0) / tau)^2`` and ``(A, B)`` the
+coefficients above,
+
+    A' = lambda A + (1 - lambda) alpha / tau,   B' = lambda B,
+
+i.e. ``out = lambda R(K) + (1 - lambda) (alpha / tau) K`` with ``R(K) = A K + B V``: unchanged for
+``s >= tau``, continuous at ``s = tau`` (and C^1 there for SN), ``sigma_1(out) <= lambda alpha +
+(1 - lambda) alpha s / tau <= alpha`` wherever ``sigma_1(R) = alpha`` (triangle inequality), and
+``out ~ (alpha / tau) K`` near ``K = 0``. ``(A, B)`` and their VJP are evaluated only where
+``lambda > 0`` (0 elsewhere: no ``0 * inf``), the VJP with the incoming gradients already scaled
+by ``lambda`` (nothing large is formed to be multiplied by a small ``lambda`` afterwards), plus
+the terms of ``lambda' = 2 s / tau^2`` (``0 < s < tau``): ``dA'/ds += lambda' (A - alpha / tau)``,
+``dB'/ds += lambda' B``. ``alpha / tau`` is rounded once from Python-float (double) math.
+
 The C++/CUDA (``srnc_ext/csrc/srnc_coefficients.h``) and Triton (``triton_kernels.py``) versions
-are line-by-line transcriptions of these two functions.
+are line-by-line transcriptions of these functions (``_unfloored_*`` and the floored wrappers).
 """
 from __future__ import annotations
 
@@ -37,11 +54,11 @@ VARIANT_SN, VARIANT_PAPER, VARIANT_PROJECTED = Variant.SN, Variant.PAPER, Varian
 Tensor = torch.Tensor
 
 
-def coefficients(
+def _unfloored_coefficients(
     s: Tensor, q: Tensor, p: Tensor, c0: Tensor, c1: Tensor,
     alpha: float, beta_rank: float, positions: float, eps: float, variant: int,
 ) -> Tuple[Tensor, Tensor]:
-    """``(A, B)``, each ``(L,)``, from the reductions ``s, q, p`` and constants ``c0, c1`` (all ``(L,)``)."""
+    """``coefficients`` without the floor (``floor = 0``)."""
     tiny = torch.finfo(s.dtype).tiny
     d = s + eps
     if variant == VARIANT_SN:
@@ -64,11 +81,11 @@ def coefficients(
     raise ValueError(f"variant must be 0, 1 or 2, got {variant!r}")
 
 
-def coefficients_vjp(
+def _unfloored_coefficients_vjp(
     s: Tensor, q: Tensor, p: Tensor, c0: Tensor, c1: Tensor, g_a: Tensor, g_b: Tensor,
     alpha: float, beta_rank: float, positions: float, eps: float, variant: int,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Reverse mode of ``coefficients``: ``(dL/ds, dL/dq, dL/dp)`` given ``dL/dA = g_a``, ``dL/dB = g_b``."""
+    """``coefficients_vjp`` without the floor (``floor = 0``)."""
     tiny = torch.finfo(s.dtype).tiny
     zero = torch.zeros_like(s)
     d = s + eps
@@ -124,3 +141,49 @@ def coefficients_vjp(
         g_d = g_d - g_rest * 2.0 * (q - s * s / de) / (d * d * d) - g_top * 2.0 * s * s / (d * d * d * de) - g_c * s / (d * d * de)
         return g_s + g_d, g_q, g_p
     raise ValueError(f"variant must be 0, 1 or 2, got {variant!r}")
+
+
+def _floor_weights(s: Tensor, floor: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(x, lambda, lambda')`` of the floor: ``x = min(max(s, 0) / tau, 1)``, ``lambda = x^2``,
+    ``lambda' = 2 x / tau`` where ``x < 1`` (0 where ``s >= tau``; also 0 where ``s <= 0``)."""
+    x = (s.clamp_min(0.0) / floor).clamp(max=1.0)
+    lam = x * x
+    dlam = torch.where(x < 1.0, 2.0 * x / floor, torch.zeros_like(x))
+    return x, lam, dlam
+
+
+def coefficients(
+    s: Tensor, q: Tensor, p: Tensor, c0: Tensor, c1: Tensor,
+    alpha: float, beta_rank: float, positions: float, eps: float, variant: int, floor: float = 0.0,
+) -> Tuple[Tensor, Tensor]:
+    """``(A, B)``, each ``(L,)``, from the reductions ``s, q, p`` and constants ``c0, c1`` (all ``(L,)``);
+    ``floor = tau > 0``: the floored ``(A', B')`` (module docstring)."""
+    a, b = _unfloored_coefficients(s, q, p, c0, c1, alpha, beta_rank, positions, eps, variant)
+    if floor == 0.0:
+        return a, b
+    _, lam, _ = _floor_weights(s, floor)
+    zero = torch.zeros_like(s)
+    live = lam > 0.0
+    a, b = torch.where(live, a, zero), torch.where(live, b, zero)
+    base = alpha / floor  # Python float: one rounding to the tensor's dtype
+    return lam * a + (1.0 - lam) * base, lam * b
+
+
+def coefficients_vjp(
+    s: Tensor, q: Tensor, p: Tensor, c0: Tensor, c1: Tensor, g_a: Tensor, g_b: Tensor,
+    alpha: float, beta_rank: float, positions: float, eps: float, variant: int, floor: float = 0.0,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Reverse mode of ``coefficients``: ``(dL/ds, dL/dq, dL/dp)`` given ``dL/dA = g_a``, ``dL/dB = g_b``."""
+    if floor == 0.0:
+        return _unfloored_coefficients_vjp(s, q, p, c0, c1, g_a, g_b, alpha, beta_rank, positions, eps, variant)
+    x, lam, dlam = _floor_weights(s, floor)
+    zero = torch.zeros_like(s)
+    live = lam > 0.0
+    a, b = _unfloored_coefficients(s, q, p, c0, c1, alpha, beta_rank, positions, eps, variant)
+    a, b = torch.where(live, a, zero), torch.where(live, b, zero)
+    g_s, g_q, g_p = _unfloored_coefficients_vjp(s, q, p, c0, c1, lam * g_a, lam * g_b, alpha, beta_rank, positions,
+                                                eps, variant)
+    g_s, g_q, g_p = (torch.where(live, g, zero) for g in (g_s, g_q, g_p))
+    base = alpha / floor
+    g_lam = torch.where(x < 1.0, g_a * (a - base) + g_b * b, zero)  # dL/dlambda; lambda' = 0 at s >= tau
+    return g_s + dlam * g_lam, g_q, g_p

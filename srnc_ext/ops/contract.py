@@ -6,9 +6,14 @@ taps; the math is ``naive.py``'s):
 * ``normalize_segments(x, fallback, eps)``: segment-wise ``x / ||x||`` (``fallback``'s segment
   where ``||x|| <= eps``); ``x, fallback: (L, N)`` or ``(P, L, M)`` (segment ``l`` is ``x[:, l, :]``);
 * ``reweight_forward(kernel, s1, direction, s1_out, gram, consts, alpha, beta_rank, positions, eps,
-  variant) -> (out, stats)``: ``out = A K + B V (L, M, T)``, ``stats = (s, q, p) (L, 3)`` in the
-  accumulation dtype; differentiable in ``kernel`` (``stats`` is not);
-* ``reweight_backward(grad, kernel, ..., consts, stats, scalars...) -> dL/dK``.
+  variant, floor=0) -> (out, stats)``: ``out = A K + B V (L, M, T)``, ``stats = (s, q, p) (L, 3)`` in
+  the accumulation dtype; differentiable in ``kernel`` (``stats`` is not);
+* ``reweight_backward(grad, kernel, ..., consts, stats, scalars..., floor=0) -> dL/dK``.
+
+``floor`` (``tau``, finite, ``>= 0``; the last argument, with a default so that calls without it keep
+their meaning) floors the sigma estimate ``s``: ``tau = 0`` is no floor (the ops exactly as without
+the argument); ``tau > 0`` blends the weight towards ``(alpha / tau) K`` where ``s < tau``
+(``coefficients.py``), which keeps the gradient bounded at and near an all-zero kernel.
 
 This module holds, for all of them: the schemas (``SCHEMAS``), the argument checks (every message
 names the op, the argument and what is allowed; ``ValueError`` for shapes, dtypes and values,
@@ -19,6 +24,7 @@ own ``TORCH_CHECK`` guards: they protect memory when ``torch.ops`` is called dir
 from __future__ import annotations
 
 import enum
+import math
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -41,10 +47,12 @@ SCHEMAS = {
     "normalize_segments": "normalize_segments(Tensor x, Tensor fallback, float eps) -> Tensor",
     "reweight_forward": (
         "reweight_forward(Tensor kernel, Tensor s1, Tensor direction, Tensor s1_out, Tensor gram, Tensor consts, "
-        "float alpha, float beta_rank, float positions, float eps, int variant) -> (Tensor out, Tensor stats)"),
+        "float alpha, float beta_rank, float positions, float eps, int variant, float floor=0.) "
+        "-> (Tensor out, Tensor stats)"),
     "reweight_backward": (
         "reweight_backward(Tensor grad, Tensor kernel, Tensor s1, Tensor direction, Tensor s1_out, Tensor gram, "
-        "Tensor consts, Tensor stats, float alpha, float beta_rank, float positions, float eps, int variant) -> Tensor"),
+        "Tensor consts, Tensor stats, float alpha, float beta_rank, float positions, float eps, int variant, "
+        "float floor=0.) -> Tensor"),
 }
 OPS = tuple(SCHEMAS)
 
@@ -87,8 +95,9 @@ def check_normalize_segments(x: Tensor, fallback: Tensor, eps: float, op: str = 
 
 
 def check_reweight(kernel: Tensor, s1: Tensor, direction: Tensor, s1_out: Tensor, gram: Tensor, consts: Tensor,
-                   alpha: float, beta_rank: float, positions: float, eps: float, variant: int, *,
-                   op: str = "reweight_forward", grad: Optional[Tensor] = None, stats: Optional[Tensor] = None) -> None:
+                   alpha: float, beta_rank: float, positions: float, eps: float, variant: int, floor: float = 0.0,
+                   *, op: str = "reweight_forward", grad: Optional[Tensor] = None,
+                   stats: Optional[Tensor] = None) -> None:
     _value(variant in tuple(Variant), lambda: f"{op}: variant must be 0 (SN), 1 (paper) or 2 (projected), got {variant}")
     _value(kernel.dim() == 3, lambda: f"{op}: kernel must be (L, M, T), got shape {tuple(kernel.shape)}")
     _float(op, kernel, "kernel")
@@ -103,6 +112,7 @@ def check_reweight(kernel: Tensor, s1: Tensor, direction: Tensor, s1_out: Tensor
     for name, value in (("alpha", alpha), ("positions", positions)):
         _value(value > 0, lambda: f"{op}: {name} must be > 0, got {value}")
     _value(eps > 0, lambda: f"{op}: eps must be > 0, got {eps}")
+    _value(math.isfinite(floor) and floor >= 0, lambda: f"{op}: floor must be finite and >= 0, got {floor}")
 
 
 # ---------------------------------------------------------------------------------------------- registration
@@ -127,14 +137,14 @@ class OpSet:
         return self._impls["normalize_segments"](x, fallback, float(eps))
 
     def reweight_forward(self, kernel, s1, direction, s1_out, gram, consts, alpha, beta_rank, positions, eps,
-                         variant) -> Tuple[Tensor, Tensor]:
-        scalars = (float(alpha), float(beta_rank), float(positions), float(eps), int(variant))
+                         variant, floor=0.0) -> Tuple[Tensor, Tensor]:
+        scalars = (float(alpha), float(beta_rank), float(positions), float(eps), int(variant), float(floor))
         check_reweight(kernel, s1, direction, s1_out, gram, consts, *scalars)
         return self._impls["reweight_forward"](kernel, s1, direction, s1_out, gram, consts, *scalars)
 
     def reweight_backward(self, grad, kernel, s1, direction, s1_out, gram, consts, stats, alpha, beta_rank,
-                          positions, eps, variant) -> Tensor:
-        scalars = (float(alpha), float(beta_rank), float(positions), float(eps), int(variant))
+                          positions, eps, variant, floor=0.0) -> Tensor:
+        scalars = (float(alpha), float(beta_rank), float(positions), float(eps), int(variant), float(floor))
         check_reweight(kernel, s1, direction, s1_out, gram, consts, *scalars, op="reweight_backward", grad=grad,
                        stats=stats)
         return self._impls["reweight_backward"](grad, kernel, s1, direction, s1_out, gram, consts, stats, *scalars)
@@ -145,15 +155,16 @@ def _fake_normalize_segments(x, fallback, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _fake_reweight_forward(kernel, s1, direction, s1_out, gram, consts, alpha, beta_rank, positions, eps, variant):
-    check_reweight(kernel, s1, direction, s1_out, gram, consts, alpha, beta_rank, positions, eps, variant)
+def _fake_reweight_forward(kernel, s1, direction, s1_out, gram, consts, alpha, beta_rank, positions, eps, variant,
+                           floor=0.0):
+    check_reweight(kernel, s1, direction, s1_out, gram, consts, alpha, beta_rank, positions, eps, variant, floor)
     stats = kernel.new_empty((kernel.shape[0], 3), dtype=accumulation_dtype(kernel.dtype))
     return kernel.new_empty(kernel.shape), stats
 
 
 def _fake_reweight_backward(grad, kernel, s1, direction, s1_out, gram, consts, stats, alpha, beta_rank, positions,
-                            eps, variant):
-    check_reweight(kernel, s1, direction, s1_out, gram, consts, alpha, beta_rank, positions, eps, variant,
+                            eps, variant, floor=0.0):
+    check_reweight(kernel, s1, direction, s1_out, gram, consts, alpha, beta_rank, positions, eps, variant, floor,
                    op="reweight_backward", grad=grad, stats=stats)
     return kernel.new_empty(kernel.shape)
 
@@ -163,7 +174,7 @@ _FAKES = {"normalize_segments": _fake_normalize_segments, "reweight_forward": _f
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    kernel, s1, direction, s1_out, gram, consts, *scalars = inputs
+    kernel, s1, direction, s1_out, gram, consts, *scalars = inputs  # scalars: floor only where it was passed
     ctx.mark_non_differentiable(output[1])  # stats: diagnostics and the backward's input
     ctx.scalars = scalars
     if ctx.needs_input_grad[0]:
@@ -175,8 +186,9 @@ def _autograd(namespace: str):
         grad_kernel = None
         if ctx.needs_input_grad[0]:
             grad_kernel = getattr(torch.ops, namespace).reweight_backward(grad_out, *ctx.saved_tensors, *ctx.scalars)
-        # s1, direction, s1_out, gram, consts are constants of the step; the scalars are not tensors
-        return (grad_kernel,) + (None,) * 10
+        # s1, direction, s1_out, gram, consts are constants of the step; the 6 scalars (floor included, also
+        # where it took its default) are not tensors: one result per positional argument of the schema
+        return (grad_kernel,) + (None,) * 11
 
     return backward
 

@@ -2,6 +2,8 @@
 
 This is the oracle for the C++/CUDA and Triton kernels and the "reference" backend of the
 ops; it is itself checked against ``srnc_ext.reference`` (the per-layer autograd reference).
+``floor`` (``tau >= 0``, last argument, default 0 = no floor) is the per-layer floor on the sigma
+estimate of ``coefficients.py``: the same ``out = A' K + B' V`` form with the floored scalars.
 Shapes: ``L`` stacked layers, ``M = C_out * C_in/groups`` kernel slices, ``T = kh * kw`` taps.
 """
 from __future__ import annotations
@@ -63,36 +65,36 @@ def _reductions(kernel: Tensor, s1: Tensor, s1_out: Tensor, gram: Tensor, varian
 
 def reweight_forward(
     kernel: Tensor, s1: Tensor, direction: Tensor, s1_out: Tensor, gram: Tensor, consts: Tensor,
-    alpha: float, beta_rank: float, positions: float, eps: float, variant: int,
+    alpha: float, beta_rank: float, positions: float, eps: float, variant: int, floor: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
     """``(out, stats)``: ``out = A K + B V`` ``(L, M, T)`` and ``stats = (s, q, p)`` ``(L, 3)``."""
     s, q, p = _reductions(kernel, s1, s1_out, gram, variant)
-    a, b = coefficients(s, q, p, consts[:, 0], consts[:, 1], alpha, beta_rank, positions, eps, variant)
+    a, b = coefficients(s, q, p, consts[:, 0], consts[:, 1], alpha, beta_rank, positions, eps, variant, floor)
     out = a[:, None, None] * kernel + b[:, None, None] * direction
     return out, torch.stack([s, q, p], 1)
 
 
 def reweight_vjp(
     grad: Tensor, kernel: Tensor, s1: Tensor, direction: Tensor, s1_out: Tensor, gram: Tensor, consts: Tensor,
-    alpha: float, beta_rank: float, positions: float, eps: float, variant: int,
+    alpha: float, beta_rank: float, positions: float, eps: float, variant: int, floor: float = 0.0,
 ) -> Tensor:
     """``reweight_backward`` with the reductions recomputed from ``kernel``: differentiable in
     ``grad`` and ``kernel`` by autograd (double backward, Hessian-vector products)."""
     stats = torch.stack(_reductions(kernel, s1, s1_out, gram, variant), 1)
     return reweight_backward(grad, kernel, s1, direction, s1_out, gram, consts, stats, alpha, beta_rank, positions,
-                             eps, variant)
+                             eps, variant, floor)
 
 
 def reweight_backward(
     grad: Tensor, kernel: Tensor, s1: Tensor, direction: Tensor, s1_out: Tensor, gram: Tensor, consts: Tensor,
-    stats: Tensor, alpha: float, beta_rank: float, positions: float, eps: float, variant: int,
+    stats: Tensor, alpha: float, beta_rank: float, positions: float, eps: float, variant: int, floor: float = 0.0,
 ) -> Tensor:
     """``dL/dK (L, M, T)`` from ``dL/d out``: ``A g + gs S1 + gq 2 G K + gp S1_out``."""
     s, q, p = stats.unbind(1)
     c0, c1 = consts.unbind(1)
-    a, _ = coefficients(s, q, p, c0, c1, alpha, beta_rank, positions, eps, variant)
+    a, _ = coefficients(s, q, p, c0, c1, alpha, beta_rank, positions, eps, variant, floor)
     g_a, g_b = (grad * kernel).sum((1, 2)), (grad * direction).sum((1, 2))
-    g_s, g_q, g_p = coefficients_vjp(s, q, p, c0, c1, g_a, g_b, alpha, beta_rank, positions, eps, variant)
+    g_s, g_q, g_p = coefficients_vjp(s, q, p, c0, c1, g_a, g_b, alpha, beta_rank, positions, eps, variant, floor)
     gk = kernel @ gram if variant == VARIANT_PROJECTED else kernel
     out = a[:, None, None] * grad + g_s[:, None, None] * s1 + (2.0 * g_q)[:, None, None] * gk
     if variant == VARIANT_PROJECTED:

@@ -5,7 +5,10 @@ the reductions, the per-layer scalar math of ``coefficients.py`` (``_coefficient
 ``_coefficients_vjp`` are line-by-line transcriptions; ``VARIANT`` is a ``tl.constexpr``), and a
 second pass for the elementwise write. Loads are cast to the accumulation dtype ``ACC`` at once
 (float32 for half/bfloat16/float32 inputs, float64 for float64; bfloat16 arithmetic is wrong in
-the interpreter otherwise), and ``TINY = torch.finfo(ACC).tiny`` as in the Python.
+the interpreter otherwise), and ``TINY = torch.finfo(ACC).tiny`` as in the Python. The floor
+(``floor = tau``) is a runtime argument behind the constexpr ``FLOORED = tau > 0``: ``tau = 0``
+compiles exactly the kernels without it; ``_floored_coefficients`` / ``_floored_coefficients_vjp``
+transcribe ``coefficients.coefficients`` / ``coefficients_vjp`` around the unfloored ones.
 
 Importing this module never fails: without Triton (or with neither a GPU nor
 ``TRITON_INTERPRET=1``) ``AVAILABLE`` is False, ``REASON`` says why and the launchers raise.
@@ -71,8 +74,25 @@ def _scalars(alpha, beta_rank, positions, eps, ACC: tl.constexpr, TINY: tl.const
 
 
 @_jit
+def _floor_scalars(alpha, floor, ACC: tl.constexpr):
+    """``(tau, alpha / tau)`` in ``ACC``; ``alpha / tau`` from float64 math, rounded once (as the Python)."""
+    floor = tl.full([], floor, tl.float64)
+    base = tl.full([], alpha, tl.float64) / floor
+    return floor.to(ACC), base.to(ACC)
+
+
+@_jit
+def _floor_weights(s, floor):
+    """``coefficients._floor_weights``: ``(x, lambda, lambda')``."""
+    x = tl.minimum(tl.maximum(s, 0.0) / floor, 1.0)
+    lam = x * x
+    dlam = tl.where(x < 1.0, 2.0 * x / floor, tl.zeros_like(x))
+    return x, lam, dlam
+
+
+@_jit
 def _coefficients(s, q, p, c0, c1, alpha, beta_rank, numerator, eps, VARIANT: tl.constexpr, TINY: tl.constexpr):
-    """``coefficients.coefficients`` for one layer: ``(A, B)``."""
+    """``coefficients._unfloored_coefficients`` for one layer: ``(A, B)``."""
     d = s + eps
     if VARIANT == 0:
         a = alpha / d
@@ -99,7 +119,7 @@ def _coefficients(s, q, p, c0, c1, alpha, beta_rank, numerator, eps, VARIANT: tl
 @_jit
 def _coefficients_vjp(s, q, p, c0, c1, g_a, g_b, alpha, beta_rank, numerator, eps,
                       VARIANT: tl.constexpr, TINY: tl.constexpr):
-    """``coefficients.coefficients_vjp`` for one layer: ``(g_s, g_q, g_p)``."""
+    """``coefficients._unfloored_coefficients_vjp`` for one layer: ``(g_s, g_q, g_p)``."""
     zero = tl.zeros_like(s)
     d = s + eps
     if VARIANT == 0:
@@ -151,6 +171,38 @@ def _coefficients_vjp(s, q, p, c0, c1, g_a, g_b, alpha, beta_rank, numerator, ep
                - g_c * s / (d * d * de))
         g_s = g_s + g_d
     return g_s, g_q, g_p
+
+
+@_jit
+def _floored_coefficients(s, q, p, c0, c1, alpha, beta_rank, numerator, eps, floor, base,
+                          VARIANT: tl.constexpr, TINY: tl.constexpr):
+    """``coefficients.coefficients`` with ``floor = tau > 0`` for one layer: ``(A', B')``."""
+    a, b = _coefficients(s, q, p, c0, c1, alpha, beta_rank, numerator, eps, VARIANT, TINY)
+    _, lam, _ = _floor_weights(s, floor)
+    zero = tl.zeros_like(s)
+    live = lam > 0.0
+    a = tl.where(live, a, zero)
+    b = tl.where(live, b, zero)
+    return lam * a + (1.0 - lam) * base, lam * b
+
+
+@_jit
+def _floored_coefficients_vjp(s, q, p, c0, c1, g_a, g_b, alpha, beta_rank, numerator, eps, floor, base,
+                              VARIANT: tl.constexpr, TINY: tl.constexpr):
+    """``coefficients.coefficients_vjp`` with ``floor = tau > 0`` for one layer: ``(g_s, g_q, g_p)``."""
+    x, lam, dlam = _floor_weights(s, floor)
+    zero = tl.zeros_like(s)
+    live = lam > 0.0
+    a, b = _coefficients(s, q, p, c0, c1, alpha, beta_rank, numerator, eps, VARIANT, TINY)
+    a = tl.where(live, a, zero)
+    b = tl.where(live, b, zero)
+    g_s, g_q, g_p = _coefficients_vjp(s, q, p, c0, c1, lam * g_a, lam * g_b, alpha, beta_rank, numerator, eps,
+                                      VARIANT, TINY)
+    g_s = tl.where(live, g_s, zero)
+    g_q = tl.where(live, g_q, zero)
+    g_p = tl.where(live, g_p, zero)
+    g_lam = tl.where(x < 1.0, g_a * (a - base) + g_b * b, zero)
+    return g_s + dlam * g_lam, g_q, g_p
 
 
 @_jit
@@ -212,8 +264,8 @@ def _normalize_segments_kernel(x_ptr, f_ptr, out_ptr, eps: tl.float64, N, INNER,
 @_jit
 def _reweight_forward_kernel(k_ptr, s1_ptr, v_ptr, so_ptr, g_ptr, c_ptr, out_ptr, stats_ptr,
                              alpha: tl.float64, beta_rank: tl.float64, positions: tl.float64, eps: tl.float64,
-                             M, T, VARIANT: tl.constexpr, ACC: tl.constexpr, TINY: tl.constexpr,
-                             BLOCK_M: tl.constexpr, T_PAD: tl.constexpr):
+                             floor: tl.float64, M, T, VARIANT: tl.constexpr, FLOORED: tl.constexpr,
+                             ACC: tl.constexpr, TINY: tl.constexpr, BLOCK_M: tl.constexpr, T_PAD: tl.constexpr):
     layer = tl.program_id(0)
     if VARIANT == 2:
         g = _load_gram(g_ptr, T, T_PAD, ACC)
@@ -234,8 +286,13 @@ def _reweight_forward_kernel(k_ptr, s1_ptr, v_ptr, so_ptr, g_ptr, c_ptr, out_ptr
     p = tl.sum(tl.sum(acc_p, axis=1), axis=0)
     c0 = tl.load(c_ptr + 2 * layer).to(ACC)
     c1 = tl.load(c_ptr + 2 * layer + 1).to(ACC)
+    if FLOORED:
+        tau, base = _floor_scalars(alpha, floor, ACC)
     alpha, beta_rank, numerator, eps = _scalars(alpha, beta_rank, positions, eps, ACC, TINY)
-    a, b = _coefficients(s, q, p, c0, c1, alpha, beta_rank, numerator, eps, VARIANT, TINY)
+    if FLOORED:
+        a, b = _floored_coefficients(s, q, p, c0, c1, alpha, beta_rank, numerator, eps, tau, base, VARIANT, TINY)
+    else:
+        a, b = _coefficients(s, q, p, c0, c1, alpha, beta_rank, numerator, eps, VARIANT, TINY)
     for m0 in range(0, M, BLOCK_M):
         offs, mask = _tile(layer, m0, M, T, BLOCK_M, T_PAD)
         out = a * _load(k_ptr, offs, mask, ACC) + b * _load(v_ptr, offs, mask, ACC)
@@ -248,8 +305,8 @@ def _reweight_forward_kernel(k_ptr, s1_ptr, v_ptr, so_ptr, g_ptr, c_ptr, out_ptr
 @_jit
 def _reweight_backward_kernel(gr_ptr, k_ptr, s1_ptr, v_ptr, so_ptr, g_ptr, c_ptr, st_ptr, out_ptr,
                               alpha: tl.float64, beta_rank: tl.float64, positions: tl.float64, eps: tl.float64,
-                              M, T, VARIANT: tl.constexpr, ACC: tl.constexpr, TINY: tl.constexpr,
-                              BLOCK_M: tl.constexpr, T_PAD: tl.constexpr):
+                              floor: tl.float64, M, T, VARIANT: tl.constexpr, FLOORED: tl.constexpr,
+                              ACC: tl.constexpr, TINY: tl.constexpr, BLOCK_M: tl.constexpr, T_PAD: tl.constexpr):
     layer = tl.program_id(0)
     acc_a = tl.zeros((BLOCK_M, T_PAD), ACC)
     acc_b = tl.zeros((BLOCK_M, T_PAD), ACC)
@@ -265,9 +322,16 @@ def _reweight_backward_kernel(gr_ptr, k_ptr, s1_ptr, v_ptr, so_ptr, g_ptr, c_ptr
     p = tl.load(st_ptr + 3 * layer + 2).to(ACC)
     c0 = tl.load(c_ptr + 2 * layer).to(ACC)
     c1 = tl.load(c_ptr + 2 * layer + 1).to(ACC)
+    if FLOORED:
+        tau, base = _floor_scalars(alpha, floor, ACC)
     alpha, beta_rank, numerator, eps = _scalars(alpha, beta_rank, positions, eps, ACC, TINY)
-    a, _ = _coefficients(s, q, p, c0, c1, alpha, beta_rank, numerator, eps, VARIANT, TINY)
-    g_s, g_q, g_p = _coefficients_vjp(s, q, p, c0, c1, g_a, g_b, alpha, beta_rank, numerator, eps, VARIANT, TINY)
+    if FLOORED:
+        a, _ = _floored_coefficients(s, q, p, c0, c1, alpha, beta_rank, numerator, eps, tau, base, VARIANT, TINY)
+        g_s, g_q, g_p = _floored_coefficients_vjp(s, q, p, c0, c1, g_a, g_b, alpha, beta_rank, numerator, eps, tau,
+                                                  base, VARIANT, TINY)
+    else:
+        a, _ = _coefficients(s, q, p, c0, c1, alpha, beta_rank, numerator, eps, VARIANT, TINY)
+        g_s, g_q, g_p = _coefficients_vjp(s, q, p, c0, c1, g_a, g_b, alpha, beta_rank, numerator, eps, VARIANT, TINY)
     if VARIANT == 2:
         g = _load_gram(g_ptr, T, T_PAD, ACC)
     for m0 in range(0, M, BLOCK_M):
@@ -301,8 +365,8 @@ def _launch_context(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _meta(dtype: torch.dtype, M: int, T: int, variant: int) -> dict:
-    """Constexprs of the reweight kernels: tile shape, accumulation dtype and its ``tiny``."""
+def _meta(dtype: torch.dtype, M: int, T: int, variant: int, floor: float) -> dict:
+    """Constexprs of the reweight kernels: tile shape, accumulation dtype and its ``tiny``, whether floored."""
     acc = acc_dtype(dtype)
     if variant == 2 and acc == torch.float32:  # tl.dot needs every dim >= 16
         t_pad = max(16, triton.next_power_of_2(T))
@@ -311,7 +375,8 @@ def _meta(dtype: torch.dtype, M: int, T: int, variant: int) -> dict:
         t_pad = triton.next_power_of_2(T)
         budget = 2 * TILE // t_pad if variant == 2 else TILE  # float64 K G holds (BLOCK_M, T_PAD, T_PAD)
         block_m = max(1, min(triton.next_power_of_2(M), budget // t_pad))
-    return dict(VARIANT=variant, ACC=_tl_acc(dtype), TINY=torch.finfo(acc).tiny, BLOCK_M=block_m, T_PAD=t_pad)
+    return dict(VARIANT=variant, FLOORED=bool(floor > 0.0), ACC=_tl_acc(dtype), TINY=torch.finfo(acc).tiny,
+                BLOCK_M=block_m, T_PAD=t_pad)
 
 
 def _empty(shape, like: Tensor) -> Tensor:
@@ -321,8 +386,8 @@ def _empty(shape, like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=torch.float32 if interpreted_bf16 else like.dtype, device=like.device)
 
 
-def _scalars_args(alpha, beta_rank, positions, eps) -> Tuple[float, float, float, float]:
-    return float(alpha), float(beta_rank), float(positions), float(eps)
+def _scalars_args(alpha, beta_rank, positions, eps, floor) -> Tuple[float, float, float, float, float]:
+    return float(alpha), float(beta_rank), float(positions), float(eps), float(floor)
 
 
 def normalize_segments(x: Tensor, fallback: Tensor, eps: float) -> Tensor:
@@ -337,25 +402,26 @@ def normalize_segments(x: Tensor, fallback: Tensor, eps: float) -> Tensor:
 
 
 def reweight_forward(kernel, s1, direction, s1_out, gram, consts, alpha, beta_rank, positions, eps,
-                     variant) -> Tuple[Tensor, Tensor]:
+                     variant, floor=0.0) -> Tuple[Tensor, Tensor]:
     L, M, T = kernel.shape
     tensors = [t.contiguous() for t in (kernel, s1, direction, s1_out, gram, consts)]
     out = _empty((L, M, T), kernel)
     stats = torch.empty((L, 3), dtype=acc_dtype(kernel.dtype), device=kernel.device)
     with _launch_context(kernel.device):
         if L:
-            _reweight_forward_kernel[(L,)](*tensors, out, stats, *_scalars_args(alpha, beta_rank, positions, eps),
-                                           M, T, **_meta(kernel.dtype, M, T, variant))
+            _reweight_forward_kernel[(L,)](*tensors, out, stats,
+                                           *_scalars_args(alpha, beta_rank, positions, eps, floor),
+                                           M, T, **_meta(kernel.dtype, M, T, variant, floor))
     return out.to(kernel.dtype), stats
 
 
 def reweight_backward(grad, kernel, s1, direction, s1_out, gram, consts, stats, alpha, beta_rank, positions, eps,
-                      variant) -> Tensor:
+                      variant, floor=0.0) -> Tensor:
     L, M, T = kernel.shape
     tensors = [t.contiguous() for t in (grad, kernel, s1, direction, s1_out, gram, consts, stats)]
     out = _empty((L, M, T), kernel)
     with _launch_context(kernel.device):
         if L:
-            _reweight_backward_kernel[(L,)](*tensors, out, *_scalars_args(alpha, beta_rank, positions, eps),
-                                            M, T, **_meta(kernel.dtype, M, T, variant))
+            _reweight_backward_kernel[(L,)](*tensors, out, *_scalars_args(alpha, beta_rank, positions, eps, floor),
+                                            M, T, **_meta(kernel.dtype, M, T, variant, floor))
     return out.to(kernel.dtype)

@@ -27,13 +27,14 @@ def normalize_segments(x: Tensor, fallback: Tensor, eps: float) -> Tensor:
 
 
 def reweight_forward(kernel, s1, direction, s1_out, gram, consts, alpha, beta_rank, positions, eps,
-                     variant) -> Tuple[Tensor, Tensor]:
+                     variant, floor=0.0) -> Tuple[Tensor, Tensor]:
     """``(out (L, M, T), stats (L, 3))``; differentiable in ``kernel``. See ``contract``."""
-    return OPS.reweight_forward(kernel, s1, direction, s1_out, gram, consts, alpha, beta_rank, positions, eps, variant)
+    return OPS.reweight_forward(kernel, s1, direction, s1_out, gram, consts, alpha, beta_rank, positions, eps, variant,
+                                floor)
 
 
 def reweight_backward(grad, kernel, s1, direction, s1_out, gram, consts, stats, alpha, beta_rank, positions, eps,
-                      variant) -> Tensor:
+                      variant, floor=0.0) -> Tensor:
     """``dL/dK (L, M, T)`` from ``dL/d out``. See ``contract``."""
     return OPS.reweight_backward(grad, kernel, s1, direction, s1_out, gram, consts, stats, alpha, beta_rank,
-                                 positions, eps, variant)
+                                 positions, eps, variant, floor)
