@@ -151,10 +151,11 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
         s1_out, direction = s1, None
         if code == VARIANT_PROJECTED:
             # With S1 standing in for S1_out the op returns alpha K_rw / (<K,S1>/(<K,S1>+eps) + eps),
-            # a positive multiple of K_rw: all the second power iteration needs.
+            # a positive multiple of K_rw: all the second power iteration needs (without the floor,
+            # which would blend in the raw kernel where sigma_1 is below it).
             direction, consts = prepare_constants(s1, s1, gram_pinv, code)
             scaled, stats = ops.reweight_forward(kernel.reshape(n, -1, taps), s1, direction, s1, gram, consts,
-                                                 *first.op_scalars())
+                                                 *first.op_scalars()[:5])
             if not all(state.floor_warned for state in states):
                 _check_floor(layers, stats[:, 0], consts[:, 0], eps, first.op_scalars()[1])
             u_out, v_out, residual_out = _power_iteration(

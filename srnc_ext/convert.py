@@ -133,6 +133,10 @@ def _srnc_layer(name: str, module: nn.Module, input_size, alpha: float, beta: fl
         raise ValueError(f"input_size={input_size!r} given for a {type(module).__name__}: a Linear's operator is its "
                          "matrix and has no input size (leave it out of input_size)")
     lazy = _is_uninitialized(module)
+    if "sigma_floor" not in options and not lazy and not module.weight.is_meta and not bool(module.weight.detach().any()):
+        # a zero-initialized layer (EDVR/BasicVSR++ offset convs): scaled linearly until sigma_1 reaches
+        # alpha, so it trains like the unconverted layer does (srnc_ext.ops.coefficients)
+        options = dict(options, sigma_floor=1.0)
     if lazy and linear:
         raise ValueError(f"{type(module).__name__} before its first forward: SRN-C has no lazy Linear; run a forward "
                          "first (or build an srnc_ext.SRNCLinear)")
@@ -178,7 +182,9 @@ def convert(
     dict ``{qualified name: any of these}`` (names of layers that are not converted are refused;
     layers not in it take their size from their first input; a transposed conv's size is that of its
     input; Linear layers take none). ``kwargs`` go to the SRN-C layers
-    (``n_power_iterations``, ``eps``, ``variant``, ``backend``). Layers with a known size start with
+    (``n_power_iterations``, ``eps``, ``variant``, ``backend``, ``sigma_floor``; without ``sigma_floor``,
+    a layer whose weight is all zeros, a zero-initialized one, gets ``sigma_floor=1.0``: it trains like
+    the unconverted layer until its sigma_1 reaches alpha). Layers with a known size start with
     a fresh warmed-up power iteration on their weight. Every layer is built before any is replaced,
     so a refused argument leaves the model as it was. One ``UserWarning`` lists the conv-like
     modules left alone (``Linear`` unless in ``types``, deformable convs, layers not selected).

@@ -26,6 +26,13 @@ def check_eps(value) -> float:
     return _positive_finite("eps", value)
 
 
+def check_sigma_floor(value) -> float:
+    """``sigma_floor``: a float in [0, 1] (the floor on sigma_1 as a fraction of alpha)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"sigma_floor must be a number in [0, 1] (a fraction of alpha), got {value!r}")
+    return float(value)
+
+
 def check_iterations(name: str, value) -> int:
     """A count of power-iteration steps: an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -48,10 +48,15 @@ from .ops import VARIANT_PROJECTED, naive, prepare_constants, variant_code
 from .conv_operator import ConvGeometry, ntuple
 from .power_iteration import (FRESH_NAME, GRAM_NAMES, SAVED_CONSTANT_NAMES, VECTOR_NAMES, PowerIterationState,
                               normal_tensors, version_of)
-from .hyperparameters import check_alpha, check_beta, check_eps, check_float_dtype, check_iterations, check_variant
+from .hyperparameters import (check_alpha, check_beta, check_eps, check_float_dtype, check_iterations, check_sigma_floor,
+                              check_variant)
 from .precision import compute_dtype, no_autocast
 
 WARMUP_ITERATIONS = 15
+# sigma_floor's default: below sigma_1 estimates of 1e-3 alpha the weight is scaled linearly (gradient at
+# most about 1e3 alpha |g| there, instead of alpha / eps at an all-zero weight); trained layers never get
+# near it, so this is the paper's algorithm for them. convert uses 1.0 for all-zero (zero-initialized) layers.
+DEFAULT_SIGMA_FLOOR = 1e-3
 _LEGACY_EXTRA_STATE = "_extra_state"  # srnc_ext 0.1.0 saved {"input_size", "variant", "fresh"} there
 
 
@@ -119,6 +124,13 @@ _SRNC_ARGS_DOC = """
             per layer: the guarantee is for this size.
         n_power_iterations: power-iteration steps per optimizer step (>= 1).
         eps: added to the spectral norm estimate before dividing (> 0).
+        sigma_floor: in [0, 1]; where the raw weight's sigma_1 estimate ``s`` is below
+            ``tau = sigma_floor * alpha`` the effective weight is blended towards ``(alpha / tau) *
+            weight`` (``srnc_ext.ops.coefficients``): a bounded gradient at and near an all-zero
+            weight, ``sigma_1 <= alpha`` still, and the paper's normalization unchanged for ``s >= tau``.
+            1.0 makes a zero-initialized layer train like an unconverted one until its sigma_1
+            reaches alpha (``convert`` picks it for all-zero weights); 0 is Algorithm 2 exactly
+            (gradient about ``alpha / eps`` at a zero weight). Default ``DEFAULT_SIGMA_FLOOR = 1e-3``.
         variant: ``"projected"`` (default: sigma_1 = alpha for every beta) or ``"paper"``
             (Algorithm 2 literally; see docs/variants.md).
         backend: ``None`` (the global choice, see ``srnc_ext.set_backend``), ``"auto"``,
@@ -127,9 +139,11 @@ _SRNC_ARGS_DOC = """
     ``srnc_name`` (set by ``convert`` to the qualified name) names the layer in warnings."""
 
 
-def _check_srnc_args(dtype, input_size, padding_mode, alpha, beta, eps, n_power_iterations, variant, backend):
+def _check_srnc_args(dtype, input_size, padding_mode, alpha, beta, eps, n_power_iterations, variant, backend,
+                     sigma_floor):
     """The SRN-C arguments, checked before the torch layer is built: ``(track, alpha, beta, eps)``."""
     check_float_dtype(dtype)
+    check_sigma_floor(sigma_floor)
     track = _check_track(input_size, padding_mode)
     alpha, beta, eps = check_alpha(alpha), check_beta(beta), check_eps(eps)
     check_iterations("n_power_iterations", n_power_iterations)
@@ -151,8 +165,9 @@ class SRNCLayer:
     _TRANSPOSED = False
 
     def _init_srnc(self, *, track: bool, alpha: float, beta: float, input_size, n_power_iterations: int, eps: float,
-                   variant: str, backend: Optional[str]) -> None:
+                   variant: str, backend: Optional[str], sigma_floor: float) -> None:
         self.alpha = alpha
+        self.sigma_floor = check_sigma_floor(sigma_floor)
         self.beta = beta
         self.n_power_iterations = n_power_iterations
         self.eps = eps
@@ -253,15 +268,17 @@ class SRNCLayer:
     def variant_code(self) -> int:
         return variant_code(self.variant, self.beta)
 
-    def op_scalars(self) -> Tuple[float, float, float, float, int]:
-        """``(alpha, beta * full_rank, output positions, eps, variant code)`` for the reweight op."""
+    def op_scalars(self) -> Tuple[float, float, float, float, int, float]:
+        """``(alpha, beta * full_rank, output positions, eps, variant code, floor tau = sigma_floor * alpha)``
+        for the reweight op."""
         geometry = self._geometry
-        return (self.alpha, self.beta * geometry.full_rank, float(geometry.positions), self.eps, self.variant_code)
+        return (self.alpha, self.beta * geometry.full_rank, float(geometry.positions), self.eps, self.variant_code,
+                self.sigma_floor * self.alpha)
 
     def signature(self) -> tuple:
         """Layers with equal signatures are refreshed together as one grouped convolution."""
         return (self._geometry, self.variant_code, self.beta, self.eps, self.compute_dtype,
-                self.weight.device, id(self.ops))
+                self.weight.device, id(self.ops))  # alpha and the floor do not enter the refresh
 
     def is_stale(self) -> bool:
         """True when the weight changed (another tensor, or written in place) since the last refresh."""
@@ -403,7 +420,7 @@ class SRNCLayer:
             self._recompute_constants()  # the vectors were written from outside (e.g. an EMA of the buffers)
         weight, ops = self.weight, self.ops
         grad = torch.is_grad_enabled() and weight.requires_grad
-        key = (self.power_iteration.version, grad, self.alpha, self.beta, self.eps, id(ops))
+        key = (self.power_iteration.version, grad, self.alpha, self.beta, self.eps, self.sigma_floor, id(ops))
         cache = self._weight_cache
         if cache is not None and cache.holds(weight, key):
             return cache.value
@@ -428,6 +445,7 @@ class SRNCLayer:
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, alpha={self.alpha}, beta={self.beta}, variant={self.variant!r}, "
+            f"sigma_floor={self.sigma_floor}, "
             f"input_size={self.input_size}{' (track)' if self.track_input_size else ''}, "
             f"n_power_iterations={self.n_power_iterations}"
         )
@@ -536,6 +554,7 @@ class SRNCLayer:
 
     def __setstate__(self, state):
         fresh = state.pop("_copy_is_fresh", False)
+        state.setdefault("sigma_floor", 0.0)  # pickled before sigma_floor existed: the algorithm it ran
         super().__setstate__(state)
         if fresh:
             self.power_iteration.mark_fresh(self.weight)
@@ -557,13 +576,15 @@ class _SRNCConv(SRNCLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  alpha: float = 1.0, beta: float = 1.0, input_size=None, n_power_iterations: int = 1,
-                 eps: float = 1e-12, variant: str = "projected", backend: Optional[str] = None) -> None:
+                 eps: float = 1e-12, variant: str = "projected", backend: Optional[str] = None,
+                 sigma_floor: float = DEFAULT_SIGMA_FLOOR) -> None:
         track, alpha, beta, eps = _check_srnc_args(dtype, input_size, padding_mode, alpha, beta, eps,
-                                                   n_power_iterations, variant, backend)
+                                                   n_power_iterations, variant, backend, sigma_floor)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device, dtype)
         self._init_srnc(track=track, alpha=alpha, beta=beta, input_size=input_size,
-                        n_power_iterations=n_power_iterations, eps=eps, variant=variant, backend=backend)
+                        n_power_iterations=n_power_iterations, eps=eps, variant=variant, backend=backend,
+                        sigma_floor=sigma_floor)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
@@ -599,13 +620,15 @@ class _SRNCConvTranspose(SRNCLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0,
                  groups: int = 1, bias: bool = True, dilation=1, padding_mode: str = "zeros", device=None, dtype=None,
                  *, alpha: float = 1.0, beta: float = 1.0, input_size=None, n_power_iterations: int = 1,
-                 eps: float = 1e-12, variant: str = "projected", backend: Optional[str] = None) -> None:
+                 eps: float = 1e-12, variant: str = "projected", backend: Optional[str] = None,
+                 sigma_floor: float = DEFAULT_SIGMA_FLOOR) -> None:
         track, alpha, beta, eps = _check_srnc_args(dtype, input_size, padding_mode, alpha, beta, eps,
-                                                   n_power_iterations, variant, backend)
+                                                   n_power_iterations, variant, backend, sigma_floor)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias,
                          dilation, padding_mode, device, dtype)
         self._init_srnc(track=track, alpha=alpha, beta=beta, input_size=input_size,
-                        n_power_iterations=n_power_iterations, eps=eps, variant=variant, backend=backend)
+                        n_power_iterations=n_power_iterations, eps=eps, variant=variant, backend=backend,
+                        sigma_floor=sigma_floor)
 
     def _geometry_for(self, size) -> ConvGeometry:
         return ConvGeometry.for_transposed(self.weight.shape, size, stride=self.stride, padding=self.padding,
@@ -657,7 +680,7 @@ class SRNCLinear(SRNCLayer, nn.Linear):
     spectral norm ``alpha`` and, for ``beta < 1``, to stable rank toward ``beta * min(in, out)``.
 
     Args (beyond ``nn.Linear``'s): ``alpha``, ``beta``, ``n_power_iterations``, ``eps``, ``variant``,
-    ``backend`` as for ``SRNCConv2d``; there is no input size (``input_size`` is None). Inputs are
+    ``backend``, ``sigma_floor`` as for ``SRNCConv2d``; there is no input size (``input_size`` is None). Inputs are
     ``(..., in_features)``.
     """
 
@@ -665,12 +688,13 @@ class SRNCLinear(SRNCLayer, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  alpha: float = 1.0, beta: float = 1.0, n_power_iterations: int = 1, eps: float = 1e-12,
-                 variant: str = "projected", backend: Optional[str] = None) -> None:
+                 variant: str = "projected", backend: Optional[str] = None,
+                 sigma_floor: float = DEFAULT_SIGMA_FLOOR) -> None:
         _, alpha, beta, eps = _check_srnc_args(dtype, None, "zeros", alpha, beta, eps, n_power_iterations, variant,
-                                               backend)
+                                               backend, sigma_floor)
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_srnc(track=False, alpha=alpha, beta=beta, input_size=(1,), n_power_iterations=n_power_iterations,
-                        eps=eps, variant=variant, backend=backend)
+                        eps=eps, variant=variant, backend=backend, sigma_floor=sigma_floor)
 
     def _geometry_for(self, size) -> ConvGeometry:
         return ConvGeometry.for_linear(self.in_features, self.out_features)
@@ -695,6 +719,7 @@ class SRNCLinear(SRNCLayer, nn.Linear):
 
     def extra_repr(self) -> str:
         return (f"{nn.Linear.extra_repr(self)}, alpha={self.alpha}, beta={self.beta}, variant={self.variant!r}, "
+                f"sigma_floor={self.sigma_floor}, "
                 f"n_power_iterations={self.n_power_iterations}")
 
 

@@ -285,3 +285,16 @@ def convert(*args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return srnc_ext.convert(*args, **kwargs)
+
+
+def test_a_transposed_conv_compiles_fullgraph_and_matches_eager():
+    """The transposed kinds have their own forward (output_padding from output_size): no graph break."""
+    torch.manual_seed(0)
+    layer = srnc_ext.SRNCConvTranspose2d(3, 2, 4, stride=2, padding=1, beta=0.5, input_size=4)
+    x = torch.randn(2, 3, 4, 4)
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, layer(x))
+    layer.eval()
+    torch.testing.assert_close(compiled(x), layer(x))

@@ -29,7 +29,7 @@ def _reference_weight(layer):
     if reference.needs_second_iteration(layer.variant, layer.beta):
         s1_out = reference.rank_one_kernel(layer.u_out, layer.v_out, geometry)
     return reference.srnc_weight(layer.weight, s1, geometry, alpha=layer.alpha, beta=layer.beta, eps=layer.eps,
-                                 variant=layer.variant, s1_out=s1_out)
+                                 variant=layer.variant, s1_out=s1_out, floor=layer.sigma_floor * layer.alpha)
 
 
 def _buffers(layer):

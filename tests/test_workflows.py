@@ -36,7 +36,8 @@ def _reference_weight(layer, weight=None):
         s1_out = reference.rank_one_kernel(layer.u_out, layer.v_out, geometry)
     weight = layer.weight if weight is None else weight
     return reference.srnc_weight(weight.to(layer.u.dtype), s1, geometry, alpha=layer.alpha, beta=layer.beta,
-                                 eps=layer.eps, variant=layer.variant, s1_out=s1_out).to(weight.dtype)
+                                 eps=layer.eps, variant=layer.variant, s1_out=s1_out,
+                                 floor=layer.sigma_floor * layer.alpha).to(weight.dtype)
 
 
 def _expected(layer, x, weight=None):

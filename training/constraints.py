@@ -9,8 +9,11 @@
 - "srn": Sanyal et al.'s SRN-alpha-beta on the reshaped kernel (``SRN`` below); params ``alpha``
   (1.0), ``beta`` (1.0), ``n_power_iterations`` (1), ``eps`` (1e-12).
 
-A conv that is already constrained (an ``SRNCConv2d`` or a parametrized weight) makes any
-constraint other than "none" raise ``ValueError`` before the model is touched.
+Every method constrains the ``nn.Conv2d`` layers only (the paper's models have no other kind;
+"srnc" passes ``types=nn.Conv2d`` to ``convert``, which would otherwise take every conv kind), so
+the methods compare on the same layers. A conv that is already constrained (an SRN-C layer or a
+parametrized weight) makes any constraint other than "none" raise ``ValueError`` before the model
+is touched.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 import srnc_ext
-from srnc_ext import SRNCConv2d, hyperparameters
+from srnc_ext import SRNCLayer, hyperparameters
 
 METHODS = ("none", "srnc", "sn", "srn")
 _DEFAULTS = {
@@ -126,7 +129,7 @@ def _check_params(method: str, params: dict) -> dict:
 
 def is_constrained(conv: nn.Module) -> bool:
     """Whether ``conv`` already carries a constraint (SRN-C layer or parametrized weight)."""
-    return isinstance(conv, SRNCConv2d) or parametrize.is_parametrized(conv)
+    return isinstance(conv, SRNCLayer) or parametrize.is_parametrized(conv)
 
 
 def apply_constraint(model: nn.Module, method: str, **params) -> nn.Module:
@@ -141,7 +144,7 @@ def apply_constraint(model: nn.Module, method: str, **params) -> nn.Module:
     if done:
         raise ValueError(f"cannot apply {method!r}: conv layer(s) already constrained: {', '.join(done)}")
     if method == "srnc":
-        return srnc_ext.convert(model, **p)
+        return srnc_ext.convert(model, types=nn.Conv2d, **p)
     for _, conv in convs:
         if method == "sn":
             spectral_norm(conv, n_power_iterations=p["n_power_iterations"], eps=p["eps"], dim=0)
