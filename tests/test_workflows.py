@@ -477,14 +477,17 @@ def test_input_size_comes_from_the_saved_vectors_not_from_metadata():
 # ---------------------------------------------------------------- a basicsr-style video model (issue 12)
 class _TinyVSR(nn.Module):
     """The layer mix of BasicVSR++ / EDVR-like models, small: a SPyNet-like pyramid of 7x7 convs whose
-    coarsest level runs on 1x1 maps, a Conv3d over time, pixel-shuffle upsamplers at 2x and 4x size and
-    a ConvTranspose2d."""
+    coarsest level runs on 1x1 maps, a zero-initialized offset conv (as their DCN packs have), a Conv3d
+    over time, pixel-shuffle upsamplers at 2x and 4x size and a ConvTranspose2d."""
 
     def __init__(self):
         super().__init__()
         level = lambda: nn.Sequential(nn.Conv2d(6, 8, 7, padding=3), nn.ReLU(), nn.Conv2d(8, 6, 7, padding=3))
         self.feat = nn.Conv2d(3, 6, 3, padding=1)
         self.spynet = nn.ModuleList([level() for _ in range(3)])  # 1x1, 2x2, 4x4 maps
+        self.offset = nn.Conv2d(6, 6, 3, padding=1)
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
         self.temporal = nn.Conv3d(6, 6, 3, padding=1)
         self.up = nn.Sequential(nn.Conv2d(6, 24, 3, padding=1), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
                                 nn.Conv2d(6, 24, 3, padding=1), nn.PixelShuffle(2), nn.LeakyReLU(0.1))
@@ -497,7 +500,7 @@ class _TinyVSR(nn.Module):
             for i, level in enumerate(self.spynet):
                 coarse = F.adaptive_avg_pool2d(f, 2**i)
                 f = f + F.interpolate(level(coarse), size=f.shape[-2:], mode="nearest")
-            frames.append(f)
+            frames.append(f + self.offset(f))
         fused = self.temporal(torch.stack(frames, 2))[:, :, -1]
         return self.deconv(self.up(fused))
 
@@ -509,7 +512,8 @@ def test_a_video_model_with_every_conv_kind_converts_trains_reports_and_comes_ba
         warnings.simplefilter("error")  # every conv kind converted: nothing left alone, nothing to warn about
         model = convert(copy.deepcopy(original), alpha=1.0, beta=0.5)
     convs = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d))}
-    assert len(convs) == 11 and all(isinstance(m, srnc_ext.SRNCLayer) for m in convs.values())
+    assert len(convs) == 12 and all(isinstance(m, srnc_ext.SRNCLayer) for m in convs.values())
+    assert model.offset.sigma_floor == 1.0  # zero-initialized: trains like the unconverted layer
     assert type(model.temporal) is srnc_ext.SRNCConv3d and type(model.deconv) is srnc_ext.SRNCConvTranspose2d
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     clip, target = torch.rand(2, 3, 3, 4, 4), torch.rand(2, 3, 32, 32)
@@ -521,6 +525,8 @@ def test_a_video_model_with_every_conv_kind_converts_trains_reports_and_comes_ba
             loss.backward()
             opt.step()
     assert torch.isfinite(loss)
+    offset_grad_state = opt.state[model.offset.weight]
+    assert all(bool(torch.isfinite(v).all()) for v in offset_grad_state.values()) and model.offset.weight.abs().max() > 0
     sizes = {name: m.input_size for name, m in convs.items()}
     assert sizes["spynet.0.0"] == (1, 1) and sizes["spynet.1.0"] == (2, 2) and sizes["up.3"] == (8, 8)
     assert sizes["temporal"] == (3, 4, 4) and sizes["deconv"] == (16, 16)
@@ -530,7 +536,10 @@ def test_a_video_model_with_every_conv_kind_converts_trains_reports_and_comes_ba
         rows = srnc_ext.spectral.model_report(model, None)
     assert {row.name for row in rows} == set(convs)
     for row in rows:  # sigma_1 at each layer's own size (explicit matrix, FFT, or iterative to tol 1e-8)
-        assert row.sigma_max == pytest.approx(1.0, rel=1e-3), row.name
+        if row.name == "offset":  # 3 steps from zero: still far below alpha, scaled linearly
+            assert 0 < row.sigma_max < 0.5
+        else:
+            assert row.sigma_max == pytest.approx(1.0, rel=1e-3), row.name
     model.eval()
     expected = model(clip)
     baked = srnc_ext.to_conv2d(copy.deepcopy(model))
