@@ -5,7 +5,7 @@ A conv layer with kernel ``K (C_out, C_in/groups, *k)`` acting on ``(C_in, *n)``
 :class:`srnc_ext.conv_operator.ConvGeometry` (padding mode, stride, dilation and groups included).
 A transposed conv is the adjoint of a conv (the same singular values, ``layer_kinds.operator_of``)
 and a Linear layer is its weight matrix.
-``spectrum`` returns its singular values by one of three methods:
+``spectrum`` returns its singular values by one of four methods:
 
 * ``"fft"`` -- exact, circulant operators only (circular padding, stride 1, output size =
   input size). Such a ``W`` is block-circulant, so it is block-diagonalised by the N-D DFT:
@@ -20,17 +20,27 @@ and a Linear layer is its weight matrix.
 * ``"arpack"`` -- matrix-free, approximate: the top ``k`` singular values from
   ``scipy.sparse.linalg.svds`` (ARPACK, relative tolerance ``tol``) on a ``LinearOperator``
   whose products are the operator and its exact adjoint. Any size.
+* ``"krylov"`` -- matrix-free, with bounds: the top ``k`` singular values by Lanczos on
+  ``W^T W`` (``srnc_ext.spectral_iterative``): float32 iterations, then float64 ones where
+  ``tol`` needs them, every result certified by float64 products. ``tol``: the relative width of
+  the bounds, ``upper - lower <= tol * lower`` (``Spectrum.lower``/``upper``; the lower bound is
+  certified, the upper one is the residual bound, see that module). ``maxiter``: the most
+  products of ``W^T W``. On a 64->64 3x3 layer at 64x64 (zero padding) sigma_1 to 1e-6 takes
+  166 products (165 in float32), 1.6-2.5 s on 2 quiet cores, where ARPACK takes 681 float64
+  products and over a minute (benchmarks/results/spectral_cpu.md).
 
 ``"auto"`` picks ``"fft"`` for circulant operators, else ``"matrix"`` within budget, else
-``"arpack"``; when only the top ``k`` values are asked (``k=``: ``spectral_norm``, ``stable_rank``
-and ``model_report`` ask ``k=1``) the dense SVD is used only for operators small enough that it
-is cheap (``MAX_DENSE_TOP_K_FLOPS``), since ARPACK reaches its tolerance far faster beyond that
-(a 16->16 layer at 16x16: 53 s dense, 0.15 s ARPACK, the same sigma_1 to 1e-16). The result's
-``method`` says which ran. Everything is computed in float64 on CPU.
+``"krylov"`` (``"arpack"`` when ARPACK's ``ncv`` is given); when only the top ``k`` values are
+asked (``k=``: ``spectral_norm``, ``stable_rank`` and ``model_report`` ask ``k=1``) the dense
+SVD is used only for operators small enough that it is cheap (``MAX_DENSE_TOP_K_FLOPS``), since
+the iterative methods reach their tolerance far faster beyond that (a 16->16 layer at 16x16:
+53 s dense, 0.15 s ARPACK, the same sigma_1 to 1e-16). The result's ``method`` says which ran.
+Everything runs on the CPU, in float64 (``"krylov"``: float32 iterations, float64 certification).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -40,11 +50,13 @@ from scipy.sparse.linalg import LinearOperator, svds
 from torch import nn
 
 from .conv_operator import ConvGeometry, SizeLike
+from .spectral_iterative import layer_start_vector, top_singular_values
 
-METHODS = ("auto", "fft", "matrix", "arpack")
+METHODS = ("auto", "fft", "matrix", "arpack", "krylov")
+ITERATIVE = ("arpack", "krylov")  # the methods that return only the top k values
 MAX_MATRIX_ENTRIES = 2**24  # largest explicit operator matrix (dim_out * dim_in) "matrix" builds
 # "auto" with k given: the dense SVD only below this cost estimate (dim_out * dim_in * full_rank),
-# about a second here; above it ARPACK on the matrix-free operator
+# about a second here; above it an iterative method on the matrix-free operator
 MAX_DENSE_TOP_K_FLOPS = 2**28
 _CHUNK_ENTRIES = 2**22  # bound on the entries of one batch of basis vectors / their images
 _CONFIG = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "padding_mode": "zeros"}
@@ -55,9 +67,11 @@ class Spectrum:
     """Singular values of a conv operator.
 
     ``values``: float64 CPU tensor, descending; all ``full_rank`` singular values for the exact
-    methods (``"fft"``, ``"matrix"``), the top ``k`` for ``"arpack"``. ``tol``: ARPACK's relative
-    tolerance (``None`` when exact). ``frobenius_sq``: exact ``||W||_F^2``. ``full_rank``:
-    ``min(dim_in, dim_out)``.
+    methods (``"fft"``, ``"matrix"``), the top ``k`` for ``"arpack"`` and ``"krylov"``. ``tol``:
+    the iterative method's relative tolerance (``None`` when exact). ``frobenius_sq``: exact
+    ``||W||_F^2``. ``full_rank``: ``min(dim_in, dim_out)``. ``lower``, ``upper``: ``"krylov"``'s
+    bounds on each value (float64, like ``values``; ``None`` for the other methods), ``converged``
+    whether they are within ``tol`` (``None`` for the other methods).
     """
 
     values: torch.Tensor
@@ -66,6 +80,9 @@ class Spectrum:
     tol: Optional[float]
     frobenius_sq: float
     full_rank: int
+    lower: Optional[torch.Tensor] = None
+    upper: Optional[torch.Tensor] = None
+    converged: Optional[bool] = None
 
     @property
     def sigma_max(self) -> float:
@@ -214,8 +231,12 @@ def spectrum(
     configuration (``None`` = default ``stride=1, padding=0, dilation=1, groups=1,
     padding_mode="zeros"``) must not be passed with a module, which supplies its own.
     ``method``: one of ``METHODS`` (see the module docstring). ``k``: the number of top values
-    needed (None: all of them; ``"arpack"`` then computes 1); with ``k`` given, ``"auto"`` picks
-    ARPACK over a dense SVD that would be slow. ``tol`` (relative), ``ncv``, ``maxiter``: ARPACK's.
+    needed (None: all of them; ``"arpack"`` and ``"krylov"`` then compute 1); with ``k`` given,
+    ``"auto"`` picks an iterative method over a dense SVD that would be slow. ``tol`` (relative),
+    ``maxiter``: the iterative method's (``"krylov"``: bound width and products, see the module
+    docstring; ``"arpack"``: ARPACK's, with ``ncv``). ``"krylov"`` starts an SRN-C layer from its
+    power-iteration vector (``spectral_iterative.layer_start_vector``) and warns when ``maxiter``
+    stops it short of ``tol``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -223,6 +244,8 @@ def spectrum(
         raise ValueError(f"k must be None or an int >= 1, got {k!r}")
     if not (isinstance(tol, (int, float)) and 0 <= tol < 1):
         raise ValueError(f"tol must be a number in [0, 1) (0: machine precision), got {tol!r}")
+    if method == "krylov" and ncv is not None:
+        raise ValueError("ncv is ARPACK's (method='arpack'); method='krylov' takes tol and maxiter")
     config = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=padding_mode)
     with torch.no_grad():
         kernel, geometry = _resolve(weight_or_conv, input_size, config)
@@ -231,10 +254,21 @@ def spectrum(
             fits = entries <= MAX_MATRIX_ENTRIES
             if k is not None:  # only the top k: dense only where it is cheap (and ARPACK needs k < full_rank)
                 fits = fits and (entries * geometry.full_rank <= MAX_DENSE_TOP_K_FLOPS or k >= geometry.full_rank)
-            method = "fft" if geometry.is_circulant else "matrix" if fits else "arpack"
+            method = "fft" if geometry.is_circulant else "matrix" if fits else "krylov" if ncv is None else "arpack"
         k = 1 if k is None else k
+        bounds = None
         if not bool(kernel.any()):  # the zero operator: ARPACK fails on it (error -9), nothing to compute
-            values = kernel.new_zeros(k if method == "arpack" else geometry.full_rank)
+            values = kernel.new_zeros(k if method in ITERATIVE else geometry.full_rank)
+            bounds = (values, values, True) if method == "krylov" else None
+        elif method == "krylov":
+            found = top_singular_values(geometry, kernel, k, tol, maxiter=maxiter,
+                                        start=layer_start_vector(weight_or_conv, geometry))
+            values, bounds = found.values, (found.lower, found.upper, found.converged)
+            if not found.converged:
+                warnings.warn(f"method='krylov' stopped at maxiter={maxiter} products short of tol={tol}: sigma_1 in "
+                              f"[{float(found.lower[0]):.10g}, {float(found.upper[0]):.10g}] (relative width "
+                              f"{found.relative_gap:.2e}); Spectrum.lower/upper hold the bounds", RuntimeWarning,
+                              stacklevel=2)
         elif method == "fft":
             values = fft_singular_values(geometry, kernel)
         elif method == "matrix":
@@ -242,15 +276,16 @@ def spectrum(
         else:
             values = arpack_singular_values(geometry, kernel, k, tol, ncv, maxiter)
         values = values.sort(descending=True).values
-        if method != "arpack" and len(values) < geometry.full_rank:  # rank-deficient shapes: zeros
+        if method not in ITERATIVE and len(values) < geometry.full_rank:  # rank-deficient shapes: zeros
             values = torch.cat([values, values.new_zeros(geometry.full_rank - len(values))])
         return Spectrum(
             values=values,
             method=method,
-            exact=method != "arpack",
-            tol=tol if method == "arpack" else None,
+            exact=method not in ITERATIVE,
+            tol=tol if method in ITERATIVE else None,
             frobenius_sq=float(geometry.frobenius_sq(kernel)),
             full_rank=geometry.full_rank,
+            **({} if bounds is None else dict(lower=bounds[0], upper=bounds[1], converged=bounds[2])),
         )
 
 
@@ -261,7 +296,8 @@ def singular_values(weight_or_conv, input_size=None, **kwargs) -> torch.Tensor:
 
 def spectral_norm(weight_or_conv, input_size=None, **kwargs) -> float:
     """``sigma_1 = ||W||_2``. Same arguments as :func:`spectrum` (``k`` defaults to 1 here: no dense
-    SVD where ARPACK is faster; ``result.tol`` of :func:`spectrum` says when a value is ARPACK's)."""
+    SVD where Lanczos is faster; ``result.tol`` of :func:`spectrum` says when a value is iterative, and
+    ``result.lower``/``upper`` bound it)."""
     kwargs.setdefault("k", 1)
     return spectrum(weight_or_conv, input_size, **kwargs).sigma_max
 
@@ -299,7 +335,7 @@ def model_report(
 ) -> List[LayerSpectrum]:
     """Spectrum summary of every layer of a kind SRN-C covers in ``model`` (``named_modules`` order;
     ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.Linear``, plain or SRN-C): sigma_1
-    (``spectral_norm``'s rule: exact where cheap, else ARPACK to ``tol``, with ``ncv``/``maxiter``)
+    (``spectral_norm``'s rule: exact where cheap, else Lanczos to ``tol``, ARPACK with ``ncv``)
     and the stable rank. The ``method`` column says which ran.
 
     ``input_size``: one size for every conv layer (an int fits every dimensionality), or
