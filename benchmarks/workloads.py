@@ -14,7 +14,12 @@ T unrolled frames, square crops. Variants of its convolutions:
   paper's soft setting alpha = 2, beta = 0.1 (projected variant: two power iterations);
   ``srnc-<backend>-beta1``: the hard setting alpha = 1, beta = 1 (one power iteration);
   ``srnc-<backend>-nocache``: alpha = 2, beta = 0.1 with the effective weight recomputed on every
-  forward (T times per step) instead of reused while provably unchanged: what the cache saves.
+  forward (T times per step) instead of reused while provably unchanged: what the cache saves;
+  a further ``-every<k>`` (``srnc-cpu-every4``, ``srnc-cpu-beta1-every2``): ``refresh_every=k``, the
+  amortized refresh.
+
+``depth`` (residual blocks, default the model's 5) makes the BasicVSR-like trunk of issue 13: 30
+blocks of two 64-channel convs.
 """
 from __future__ import annotations
 
@@ -56,9 +61,9 @@ class PerCallSRNC(nn.Module):
         return reference.srnc_weight(weight, s1, g, alpha=ALPHA, beta=BETA, eps=1e-12, variant="projected", s1_out=s1_out)
 
 
-def build(kind: str, width: int, size: int, device="cpu", seed: int = 0) -> nn.Module:
+def build(kind: str, width: int, size: int, device="cpu", seed: int = 0, depth=None) -> nn.Module:
     torch.manual_seed(seed)
-    model = build_model("vresnet-feat", width=width).to(device)
+    model = build_model("vresnet-feat", width=width, depth=depth).to(device)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if kind == "plain":
         pass
@@ -69,10 +74,12 @@ def build(kind: str, width: int, size: int, device="cpu", seed: int = 0) -> nn.M
         for conv in convs:
             parametrize.register_parametrization(conv, "weight", PerCallSRNC(conv, size).to(device))
     elif kind.startswith("srnc-"):
-        backend, _, option = kind[len("srnc-"):].partition("-")
-        alpha, beta = (1.0, 1.0) if option == "beta1" else (ALPHA, BETA)
-        srnc_ext.convert(model, alpha=alpha, beta=beta, input_size=size, backend=backend)
-        if option == "nocache":
+        backend, *options = kind[len("srnc-"):].split("-")
+        every = [int(o[len("every"):]) for o in options if o.startswith("every")]
+        alpha, beta = (1.0, 1.0) if "beta1" in options else (ALPHA, BETA)
+        srnc_ext.convert(model, alpha=alpha, beta=beta, input_size=size, backend=backend,
+                         refresh_every=every[0] if every else 1)
+        if "nocache" in options:
             for layer in model.modules():
                 if isinstance(layer, srnc_ext.SRNCConv2d):
                     layer._cache_weight = False

@@ -7,7 +7,12 @@ Trains a small feature-recurrent denoiser, ``training.models``' ``vdncnn-feat`` 
 sigma_1(W_eff) / alpha over its 6 layers, measured with ARPACK (tol 1e-8) on the final weights with
 the vectors of the last refresh, as the next training forward would use them (the one-step lag
 included), and after ``refresh(500)``. Run: ``python docs/measure_tracking.py`` (CPU, a few minutes).
+
+``python docs/measure_tracking.py refresh_every``: the same for the amortized refresh
+(``refresh_every`` k = 1, 2, 4, 8 at one power iteration), trained 199 steps so that the final
+vectors are k - 1 steps old, the most the schedule allows.
 """
+import sys
 import math
 import statistics
 import time
@@ -40,10 +45,10 @@ def train(model: torch.nn.Module, steps: int, generator: torch.Generator, sigma:
     return 10 * math.log10(1 / loss.item())
 
 
-def run(alpha, beta, n_iterations, steps=200, seed=0):
+def run(alpha, beta, n_iterations, steps=200, seed=0, refresh_every=1):
     torch.manual_seed(seed)
     model = build_model("vdncnn-feat", width=16, depth=6)
-    convert(model, alpha=alpha, beta=beta, input_size=32, n_power_iterations=n_iterations)
+    convert(model, alpha=alpha, beta=beta, input_size=32, n_power_iterations=n_iterations, refresh_every=refresh_every)
     start = time.perf_counter()
     train(model, steps, torch.Generator().manual_seed(seed))
     seconds = time.perf_counter() - start
@@ -64,5 +69,15 @@ def main():
             print(f"| {alpha} | {beta} | {n} | {worst:.3f} | {median:.3f} | {settled:.4f} | {seconds:.1f} |")
 
 
+def main_refresh_every():
+    print("| alpha | beta | refresh_every | max sigma_1/alpha | median | after refresh(500): max | train time (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for alpha, beta in ((1.0, 1.0), (2.0, 0.1)):
+        for every in (1, 2, 4, 8):
+            worst, median, settled, seconds = run(alpha, beta, 1, steps=199, refresh_every=every)
+            print(f"| {alpha} | {beta} | {every} | {worst:.3f} | {median:.3f} | {settled:.4f} | {seconds:.1f} |",
+                  flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    main_refresh_every() if sys.argv[1:] == ["refresh_every"] else main()

@@ -271,8 +271,16 @@ def _optimizer_step_post_hook(optimizer, args, kwargs) -> None:
     # in the optimizer's parameter order: the grouping (and its float rounding) is reproducible
     held = [by_weight.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
     stale = [m for m in held if m is not None and m.training and m.materialized and m.is_stale()]
-    if stale:
-        refresh_layers(stale)
+    due = []
+    for layer in stale:  # refresh_every = k: k - 1 steps keep the last vectors (declared fresh), the k-th refreshes
+        state = layer.power_iteration
+        if state.lagged_steps + 1 < layer.refresh_every:
+            state.lagged_steps += 1
+            state.mark_fresh(layer.weight)
+        else:
+            due.append(layer)
+    if due:
+        refresh_layers(due)
 
 
 _HOOK = register_optimizer_step_post_hook(_optimizer_step_post_hook)

@@ -182,7 +182,7 @@ def convert(
     dict ``{qualified name: any of these}`` (names of layers that are not converted are refused;
     layers not in it take their size from their first input; a transposed conv's size is that of its
     input; Linear layers take none). ``kwargs`` go to the SRN-C layers
-    (``n_power_iterations``, ``eps``, ``variant``, ``backend``, ``sigma_floor``; without ``sigma_floor``,
+    (``n_power_iterations``, ``eps``, ``variant``, ``backend``, ``refresh_every``, ``sigma_floor``; without ``sigma_floor``,
     a layer whose weight is all zeros, a zero-initialized one, gets ``sigma_floor=1.0``: it trains like
     the unconverted layer until its sigma_1 reaches alpha). Layers with a known size start with
     a fresh warmed-up power iteration on their weight. Every layer is built before any is replaced,

@@ -57,6 +57,7 @@ WARMUP_ITERATIONS = 15
 # most about 1e3 alpha |g| there, instead of alpha / eps at an all-zero weight); trained layers never get
 # near it, so this is the paper's algorithm for them. convert uses 1.0 for all-zero (zero-initialized) layers.
 DEFAULT_SIGMA_FLOOR = 1e-3
+LAGGED_NAME = "_lagged_steps"  # saved with refresh_every > 1: steps since the last refresh
 _LEGACY_EXTRA_STATE = "_extra_state"  # srnc_ext 0.1.0 saved {"input_size", "variant", "fresh"} there
 
 
@@ -124,6 +125,10 @@ _SRNC_ARGS_DOC = """
             per layer: the guarantee is for this size.
         n_power_iterations: power-iteration steps per optimizer step (>= 1).
         eps: added to the spectral norm estimate before dividing (> 0).
+        refresh_every: refresh the power iteration after every ``refresh_every``-th optimizer step
+            (default 1: every step); in between the forward uses the current weight with the last
+            vectors, which saves the refresh's cost at the price of tracking (README, "Amortized
+            refresh"). Refreshes for other weight changes (loading, in-place edits) are not skipped.
         sigma_floor: in [0, 1]; where the raw weight's sigma_1 estimate ``s`` is below
             ``tau = sigma_floor * alpha`` the effective weight is blended towards ``(alpha / tau) *
             weight`` (``srnc_ext.ops.coefficients``): a bounded gradient at and near an all-zero
@@ -140,9 +145,10 @@ _SRNC_ARGS_DOC = """
 
 
 def _check_srnc_args(dtype, input_size, padding_mode, alpha, beta, eps, n_power_iterations, variant, backend,
-                     sigma_floor):
+                     sigma_floor, refresh_every):
     """The SRN-C arguments, checked before the torch layer is built: ``(track, alpha, beta, eps)``."""
     check_float_dtype(dtype)
+    check_iterations("refresh_every", refresh_every)
     check_sigma_floor(sigma_floor)
     track = _check_track(input_size, padding_mode)
     alpha, beta, eps = check_alpha(alpha), check_beta(beta), check_eps(eps)
@@ -165,8 +171,9 @@ class SRNCLayer:
     _TRANSPOSED = False
 
     def _init_srnc(self, *, track: bool, alpha: float, beta: float, input_size, n_power_iterations: int, eps: float,
-                   variant: str, backend: Optional[str], sigma_floor: float) -> None:
+                   variant: str, backend: Optional[str], sigma_floor: float, refresh_every: int) -> None:
         self.alpha = alpha
+        self.refresh_every = check_iterations("refresh_every", refresh_every)
         self.sigma_floor = check_sigma_floor(sigma_floor)
         self.beta = beta
         self.n_power_iterations = n_power_iterations
@@ -448,6 +455,7 @@ class SRNCLayer:
             f"sigma_floor={self.sigma_floor}, "
             f"input_size={self.input_size}{' (track)' if self.track_input_size else ''}, "
             f"n_power_iterations={self.n_power_iterations}"
+            + (f", refresh_every={self.refresh_every}" if self.refresh_every != 1 else "")
         )
 
     def __prepare_scriptable__(self):
@@ -464,6 +472,9 @@ class SRNCLayer:
             # refresh again before its first step (resume equals an uninterrupted run). A tensor, so the
             # state_dict holds tensors only (EMA code zips and lerps its values).
             destination[prefix + FRESH_NAME] = torch.tensor(not self.is_stale(), device=self.weight.device)
+            if self.refresh_every > 1:  # where in its refresh cycle the layer is: a resumed run keeps the schedule
+                destination[prefix + LAGGED_NAME] = torch.tensor(self.power_iteration.lagged_steps,
+                                                                 device=self.weight.device)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         legacy = state_dict.get(prefix + _LEGACY_EXTRA_STATE)
@@ -475,7 +486,7 @@ class SRNCLayer:
             self._geometry = geometry
             self._allocate(geometry)  # buffers of the incoming shapes, so copy_ works
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        own = {prefix + name for name in (_LEGACY_EXTRA_STATE, FRESH_NAME)}
+        own = {prefix + name for name in (_LEGACY_EXTRA_STATE, FRESH_NAME, LAGGED_NAME)}
         unexpected_keys[:] = [key for key in unexpected_keys if key not in own]
         optional = {prefix + name for name in SAVED_CONSTANT_NAMES}  # recomputed from the vectors when absent
         missing_keys[:] = [key for key in missing_keys if key not in optional]
@@ -489,6 +500,10 @@ class SRNCLayer:
         fresh = (bool(flag) if isinstance(flag, torch.Tensor) and flag.numel() == 1 and not flag.is_meta
                  else legacy.get("fresh") is True)
         self.power_iteration.mark_fresh(self.weight if fresh and (prefix + "weight") in state_dict else None)
+        lagged = state_dict.get(prefix + LAGGED_NAME)
+        self.power_iteration.lagged_steps = (
+            int(lagged) if isinstance(lagged, torch.Tensor) and lagged.numel() == 1 and not lagged.is_meta
+            and not lagged.is_floating_point() and 0 <= int(lagged) < 2**31 else 0)
 
     def _check_incoming(self, state_dict, prefix, legacy, error_msgs):
         """The geometry the incoming vectors imply (their shapes carry the input size), the current
@@ -555,6 +570,7 @@ class SRNCLayer:
     def __setstate__(self, state):
         fresh = state.pop("_copy_is_fresh", False)
         state.setdefault("sigma_floor", 0.0)  # pickled before sigma_floor existed: the algorithm it ran
+        state.setdefault("refresh_every", 1)
         super().__setstate__(state)
         if fresh:
             self.power_iteration.mark_fresh(self.weight)
@@ -577,14 +593,14 @@ class _SRNCConv(SRNCLayer):
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  alpha: float = 1.0, beta: float = 1.0, input_size=None, n_power_iterations: int = 1,
                  eps: float = 1e-12, variant: str = "projected", backend: Optional[str] = None,
-                 sigma_floor: float = DEFAULT_SIGMA_FLOOR) -> None:
+                 sigma_floor: float = DEFAULT_SIGMA_FLOOR, refresh_every: int = 1) -> None:
         track, alpha, beta, eps = _check_srnc_args(dtype, input_size, padding_mode, alpha, beta, eps,
-                                                   n_power_iterations, variant, backend, sigma_floor)
+                                                   n_power_iterations, variant, backend, sigma_floor, refresh_every)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device, dtype)
         self._init_srnc(track=track, alpha=alpha, beta=beta, input_size=input_size,
                         n_power_iterations=n_power_iterations, eps=eps, variant=variant, backend=backend,
-                        sigma_floor=sigma_floor)
+                        sigma_floor=sigma_floor, refresh_every=refresh_every)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
@@ -621,14 +637,14 @@ class _SRNCConvTranspose(SRNCLayer):
                  groups: int = 1, bias: bool = True, dilation=1, padding_mode: str = "zeros", device=None, dtype=None,
                  *, alpha: float = 1.0, beta: float = 1.0, input_size=None, n_power_iterations: int = 1,
                  eps: float = 1e-12, variant: str = "projected", backend: Optional[str] = None,
-                 sigma_floor: float = DEFAULT_SIGMA_FLOOR) -> None:
+                 sigma_floor: float = DEFAULT_SIGMA_FLOOR, refresh_every: int = 1) -> None:
         track, alpha, beta, eps = _check_srnc_args(dtype, input_size, padding_mode, alpha, beta, eps,
-                                                   n_power_iterations, variant, backend, sigma_floor)
+                                                   n_power_iterations, variant, backend, sigma_floor, refresh_every)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias,
                          dilation, padding_mode, device, dtype)
         self._init_srnc(track=track, alpha=alpha, beta=beta, input_size=input_size,
                         n_power_iterations=n_power_iterations, eps=eps, variant=variant, backend=backend,
-                        sigma_floor=sigma_floor)
+                        sigma_floor=sigma_floor, refresh_every=refresh_every)
 
     def _geometry_for(self, size) -> ConvGeometry:
         return ConvGeometry.for_transposed(self.weight.shape, size, stride=self.stride, padding=self.padding,
@@ -680,7 +696,7 @@ class SRNCLinear(SRNCLayer, nn.Linear):
     spectral norm ``alpha`` and, for ``beta < 1``, to stable rank toward ``beta * min(in, out)``.
 
     Args (beyond ``nn.Linear``'s): ``alpha``, ``beta``, ``n_power_iterations``, ``eps``, ``variant``,
-    ``backend``, ``sigma_floor`` as for ``SRNCConv2d``; there is no input size (``input_size`` is None). Inputs are
+    ``backend``, ``sigma_floor``, ``refresh_every`` as for ``SRNCConv2d``; there is no input size (``input_size`` is None). Inputs are
     ``(..., in_features)``.
     """
 
@@ -689,12 +705,13 @@ class SRNCLinear(SRNCLayer, nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  alpha: float = 1.0, beta: float = 1.0, n_power_iterations: int = 1, eps: float = 1e-12,
                  variant: str = "projected", backend: Optional[str] = None,
-                 sigma_floor: float = DEFAULT_SIGMA_FLOOR) -> None:
+                 sigma_floor: float = DEFAULT_SIGMA_FLOOR, refresh_every: int = 1) -> None:
         _, alpha, beta, eps = _check_srnc_args(dtype, None, "zeros", alpha, beta, eps, n_power_iterations, variant,
-                                               backend, sigma_floor)
+                                               backend, sigma_floor, refresh_every)
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_srnc(track=False, alpha=alpha, beta=beta, input_size=(1,), n_power_iterations=n_power_iterations,
-                        eps=eps, variant=variant, backend=backend, sigma_floor=sigma_floor)
+                        eps=eps, variant=variant, backend=backend, sigma_floor=sigma_floor,
+                        refresh_every=refresh_every)
 
     def _geometry_for(self, size) -> ConvGeometry:
         return ConvGeometry.for_linear(self.in_features, self.out_features)

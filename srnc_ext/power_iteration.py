@@ -59,6 +59,7 @@ class PowerIterationState:
         # ||W v - sigma u|| / sigma of each power iteration's last step, (1, 1 or 2) tensor, or None
         self.residual: Optional[torch.Tensor] = None
         self.floor_warned = False
+        self.lagged_steps = 0  # optimizer steps since the last refresh that skipped it (refresh_every > 1)
         # the vector buffers (tensor, version) the constants were derived from; None: the ones there now
         self._constants_for = None
 
@@ -156,6 +157,7 @@ class PowerIterationState:
         self._committed()
         if weight is not None:
             self.mark_fresh(weight)
+            self.lagged_steps = 0
         if residual is not None:
             self.residual = residual
 
