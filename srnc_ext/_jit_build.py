@@ -78,6 +78,41 @@ def cuda_build_home(torch, log=print) -> Optional[str]:
     return None
 
 
+FINGERPRINT_MARKER = b"SRNC-SOURCES-SHA256:"  # compiled into the library, before the hex digest of its sources
+
+
+def source_fingerprint(root: str = CSRC) -> str:
+    """sha256 of what the compiled ops must match: the C++/CUDA sources and headers, and the op schemas
+    (``ops/contract.py``'s ``SCHEMAS``, which the library's kernels register against)."""
+    digest = hashlib.sha256()
+    for name in sorted(CPU_SOURCES + CUDA_SOURCES + HEADERS):
+        with open(os.path.join(root, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read() + b"\0")
+    with open(os.path.join(os.path.dirname(root), "ops", "contract.py"), "rb") as f:
+        text = f.read()
+    start = text.find(b"SCHEMAS = {")
+    end = text.find(b"\n}\n", start)
+    digest.update(text[start:end] if start >= 0 and end >= 0 else text)
+    return digest.hexdigest()
+
+
+def library_fingerprint(path: str) -> Optional[str]:
+    """The source fingerprint compiled into the library at ``path`` (read from the file, without loading
+    it: a library built from other sources can abort the process when loaded), None if it has none."""
+    import mmap
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            at = data.find(FINGERPRINT_MARKER)
+            if at < 0:
+                return None
+            start = at + len(FINGERPRINT_MARKER)
+            value = data[start : start + 64].decode("ascii", "replace")
+    except (OSError, ValueError):
+        return None
+    return value if re.fullmatch(r"[0-9a-f]{64}", value) else None
+
+
 def sources(with_cuda: bool, root: str = CSRC) -> List[str]:
     return [os.path.join(root, name) for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
 
@@ -88,7 +123,8 @@ def compile_flags(torch, with_cuda: bool) -> Tuple[List[str], List[str]]:
     -fopenmp. No -std: cpp_extension picks the one the installed torch's headers need (C++20 for
     2.14, C++17 for 2.6); csrc/ is valid C++17."""
     openmp = ["-fopenmp"] if getattr(torch._C, "has_openmp", False) else []
-    return ["-O3"] + openmp + (["-DSRNC_WITH_CUDA"] if with_cuda else []), openmp
+    fingerprint = [f"-DSRNC_SOURCES_SHA256={source_fingerprint()}"]  # a bare token: no quoting through ninja
+    return ["-O3"] + openmp + fingerprint + (["-DSRNC_WITH_CUDA"] if with_cuda else []), openmp
 
 
 @contextlib.contextmanager

@@ -91,6 +91,40 @@ def test_without_a_compiler_the_package_imports_and_runs_the_reference_with_one_
     assert "compiling" not in proc.stderr
 
 
+def test_an_out_of_date_ahead_of_time_library_is_not_loaded(tmp_path):
+    """srnc_ext._C built from other sources than the installed ones (a `git pull` without a rebuild,
+    here: an op schema edited) is recognized from the fingerprint compiled into it, before loading:
+    loading it would abort the process (its kernels do not match the schemas). With SRNC_JIT=0 the
+    package imports and runs the reference ops, with one warning naming the stale library."""
+    built = sorted((ROOT / "srnc_ext").glob("_C*.so"))
+    if not built:
+        pytest.skip("no ahead-of-time srnc_ext._C in this checkout")
+    assert _jit_build.library_fingerprint(str(built[0])) == _jit_build.source_fingerprint()  # the dev build is current
+    shutil.copytree(ROOT / "srnc_ext", tmp_path / "srnc_ext", ignore=shutil.ignore_patterns("__pycache__"))
+    contract = tmp_path / "srnc_ext" / "ops" / "contract.py"
+    text = contract.read_text()
+    assert "float eps, int variant" in text
+    contract.write_text(text.replace("float eps, int variant", "float eps, float extra, int variant", 1))
+    script = NO_EDITABLE + textwrap.dedent("""
+        import json, warnings
+        import torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import srnc_ext
+            from srnc_ext.ops import compiled
+            layer = srnc_ext.SRNCConv2d(3, 4, 3, padding=1, input_size=8)
+            layer(torch.randn(1, 3, 8, 8)).sum().backward()
+        print(json.dumps(dict(file=srnc_ext.__file__, available=compiled.AVAILABLE, error=type(compiled.IMPORT_ERROR).__name__,
+                              backend=layer.ops.name,
+                              warnings=[str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])))
+    """)
+    proc = _run([sys.executable, "-c", script], cwd=tmp_path, env=_env(tmp_path, SRNC_JIT="0"))
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert Path(got["file"]).parent == tmp_path / "srnc_ext"
+    assert (got["available"], got["error"], got["backend"]) == (False, "StaleLibrary", "reference")
+    assert len(got["warnings"]) == 1 and "out-of-date build" in got["warnings"][0], got["warnings"]
+
+
 # ---------------------------------------------------------------------------------------------- isolated install
 def _copy_checkout(dest: Path) -> None:
     """The files git would ship (tracked and untracked-but-not-ignored): no .venv, no built _C."""

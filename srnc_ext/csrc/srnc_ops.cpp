@@ -22,6 +22,18 @@
 
 #include "srnc_coefficients.h"
 
+// The fingerprint of the sources this library was built from (_jit_build.source_fingerprint, passed as
+// -DSRNC_SOURCES_SHA256=<hex>): srnc_ext reads it from the file before loading the library, since a
+// library built from other sources (a schema with another argument count) aborts the process when
+// its TORCH_LIBRARY_IMPL registrations run.
+#ifndef SRNC_SOURCES_SHA256
+#define SRNC_SOURCES_SHA256 unknown
+#endif
+#define SRNC_STRINGIFY2(x) #x
+#define SRNC_STRINGIFY(x) SRNC_STRINGIFY2(x)
+extern "C" __attribute__((used, visibility("default"))) const char srnc_sources_sha256[] =
+    "SRNC-SOURCES-SHA256:" SRNC_STRINGIFY(SRNC_SOURCES_SHA256);
+
 // `from srnc_ext import _C` loads this library, which runs the TORCH_LIBRARY_IMPL registrations below.
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -5,7 +5,11 @@ library then adds the CPU (and, when built with CUDA, the CUDA) kernels (``TORCH
 The library is ``srnc_ext._C`` when it was built ahead of time (``pip install --no-build-isolation``);
 when no ``_C`` is installed (``pip install .`` under build isolation), ``_jit_build.load`` compiles
 it at first use against the installed torch, or loads it from torch's extension cache
-(``SRNC_JIT=0`` forbids that). ``ORIGIN`` says which (``"ahead-of-time"`` or ``"first-use"``). If
+(``SRNC_JIT=0`` forbids that). An installed ``_C`` built from other sources than the installed ones
+(a ``git pull`` without a rebuild) is not loaded -- its kernels may not match the schemas, which
+aborts the process at load -- but detected from the source fingerprint compiled into it
+(``_jit_build.source_fingerprint``), with a warning, and the installed sources are compiled at
+first use instead. ``ORIGIN`` says which (``"ahead-of-time"`` or ``"first-use"``). If
 neither works, ``AVAILABLE`` is False, ``IMPORT_ERROR`` says why and the entry points raise;
 ``warn_unavailable()`` warns once (the backends then use the pure-PyTorch reference ops).
 """
@@ -32,14 +36,46 @@ FIRST_USE_HINT = (
 )
 
 
+class StaleLibrary(ImportError):
+    """``srnc_ext._C`` was built from other sources than the ones installed beside it."""
+
+
+def _first_use() -> Tuple[str, Optional[BaseException]]:
+    try:
+        _jit_build.load()
+    except Exception as exc:  # noqa: BLE001  (whatever the build does, srnc_ext must import: the reference runs)
+        return "first-use", exc
+    return "first-use", None
+
+
+def _stale(origin: str) -> Optional[str]:
+    """Why the ahead-of-time library at ``origin`` must not be loaded, or None. It is checked before
+    loading: a library whose kernels do not match the schemas aborts the process when loaded."""
+    try:
+        current = _jit_build.source_fingerprint()
+    except OSError:  # the sources are not installed: nothing to compare with
+        return None
+    built = _jit_build.library_fingerprint(origin)
+    if built == current:
+        return None
+    return (f"srnc_ext._C ({origin}) was built from other sources than the installed ones (its source "
+            f"fingerprint {built or 'is missing'}, the sources' {current[:16]}...): an out-of-date build")
+
+
 def _load() -> Tuple[str, Optional[BaseException]]:
-    """(origin, error): the installed ``srnc_ext._C``, else the first-use build; ``error`` None if loaded."""
-    if importlib.util.find_spec("srnc_ext._C") is None:
-        try:
-            _jit_build.load()
-        except Exception as exc:  # noqa: BLE001  (whatever the build does, srnc_ext must import: the reference runs)
-            return "first-use", exc
-        return "first-use", None
+    """(origin, error): the installed ``srnc_ext._C`` when it was built from the installed sources, else
+    the first-use build of those sources; ``error`` None if loaded."""
+    spec = importlib.util.find_spec("srnc_ext._C")
+    if spec is None:
+        return _first_use()
+    stale = _stale(spec.origin) if spec.origin else None
+    if stale is not None:
+        origin, error = _first_use()  # compiles the installed sources (cached by their hash)
+        if error is None:
+            warnings.warn(f"srnc_ext: {stale}; using the compiled ops built from the installed sources at first "
+                          f"use instead; {AHEAD_OF_TIME_HINT}", RuntimeWarning, stacklevel=2)
+            return origin, None
+        return "ahead-of-time", StaleLibrary(f"{stale}; the first-use build failed too: {error}")
     try:
         from srnc_ext import _C  # noqa: F401  (loads the library: its TORCH_LIBRARY_IMPL kernels)
     except (ImportError, OSError) as exc:  # built against another torch, or damaged
