@@ -62,6 +62,11 @@ import torch
 DTYPE_SCHEDULE: Tuple[torch.dtype, ...] = (torch.float32, torch.float64)
 # a stage's residual estimate relative to theta_1 below which its dtype's rounding dominates
 FLOORS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: 1e-14}
+# a stage stops at this fraction of the target: float32 rounding adds to the residual that the
+# float64 certification finds (up to ~5e-7 relative), float64's own estimate is that residual to
+# ~1e-13, and stopping at half of it cost upconv 64->256 184 float64 products instead of ~30 at
+# tol=1e-8 (resolving a near-pair of top eigenvalues that the residual bound did not need resolved)
+STAGE_MARGIN = {torch.float32: 0.5, torch.float64: 0.9}
 MIN_RELATIVE_RESIDUAL = 1e-13  # float64 certification floor: r_i <= this * theta_1 counts as converged
 MAX_BASIS_BYTES = 2**31  # memory of one stage's Lanczos basis; a thick restart beyond it
 MIN_BASIS = 24  # vectors: the basis is never smaller (the memory bound gives way)
@@ -69,6 +74,9 @@ FULL_REORTH_ENTRIES = 2**22  # basis entries (vectors x dimension) up to which n
 # orthogonalized against the whole basis (small operators, where the Krylov space fills R^n)
 DEFAULT_MAXITER = 10000  # products of M, all stages together
 CHECK_EVERY = 5  # Lanczos steps between two convergence checks (an eigh of the projected matrix)
+REFINE = True  # float32 stages anchored at certified float64 vectors (see _lanczos_stage)
+REFINE_CUTOFF = 1e-5  # relative singular value of M - theta below which a refinement does not move
+STALL_STEPS = 40  # a stage stops when its residual estimate has not halved in this many steps
 START_NOISE = 1e-2  # relative weight of the random part mixed into a given start vector
 
 
@@ -151,12 +159,23 @@ def _top_eig(h: np.ndarray, q: int):
 
 
 def _lanczos_stage(gram: _Gram, start: torch.Tensor, image: Optional[torch.Tensor], *, k: int, target: float,
-                   floor: float, budget: int, max_basis: int, full: bool,
-                   generator: torch.Generator) -> Tuple[torch.Tensor, int]:
+                   floor: float, budget: int, max_basis: int, full: bool, generator: torch.Generator,
+                   anchored: bool = False, stall: bool = True) -> Tuple[torch.Tensor, int]:
     """One block Lanczos stage in ``gram.dtype`` from the orthonormal rows ``start`` (``(b, n)``;
     ``image``: ``M start`` when known, not counted). Runs until the residual estimate of each of
-    the top ``k`` Ritz values is at most ``max(target * theta_i, floor * theta_1)``, or ``budget``
-    products. Returns the top ``b`` Ritz vectors (rows, in ``gram.dtype``) and the products used.
+    the top ``k`` Ritz values is at most ``max(target * theta_i, floor * theta_1)``, until it has
+    not halved in ``STALL_STEPS`` steps (``stall``: when another kind of stage follows), or for
+    ``budget`` products. Returns the top ``b`` Ritz
+    vectors (rows, in ``gram.dtype``; float64 when ``anchored``) and the products used.
+
+    ``anchored``: ``start`` and ``image`` are float64 (certified vectors and their float64
+    products) and stay so: the first step (the residual ``M x - theta x``, ~1e-7 of ``M x``) is
+    computed in float64 and the Ritz vectors are assembled on the float64 start. The later
+    products, of unit vectors whose coefficients in the Ritz vector are of the order of that
+    residual, may carry float32's relative error: the float32 floor no longer applies (inexact
+    Krylov: a product's error counts in proportion to the residual at that step). Every new
+    vector is orthogonalized against the start as well: it is nearly an eigenvector, which float32
+    vectors lose orthogonality to at once (and rebuild, with float32's error).
 
     Orthogonalization: single vectors on large operators run the plain three-term recurrence
     (subtract the previous vector, then the current one: no second pass; a vector pass costs
@@ -174,34 +193,50 @@ def _lanczos_stage(gram: _Gram, start: torch.Tensor, image: Optional[torch.Tenso
     basis = torch.empty(max_basis, n, dtype=dtype)
     h = np.zeros((max_basis, max_basis))
     basis[:b] = start
+    anchor = start.to(torch.float64) if anchored else None
     kept, cur, size, used, steps = 0, 0, b, 0, 0  # rows [0, kept): Ritz vectors kept by a restart
     coupling = None  # (rows, C): the block at `cur` couples to basis[rows] by H[rows, cur] = C
     scale = 0.0  # largest |H| entry seen: the operator's norm, for breakdown tests
+    best, best_step = math.inf, 0  # the smallest relative residual estimate so far, and when
     while True:
         x = basis[cur:cur + b]
-        if image is not None:
-            w, image = image.to(dtype).clone(), None
-        elif used + b > budget:  # (the checks below stop before this)
-            cur -= b  # block `cur` was never multiplied: leave it out of the Ritz values
-            break
+        if anchor is not None and image is not None:  # the first step, in float64
+            y = image.to(torch.float64)
+            a = anchor @ y.T
+            a = (a + a.T) / 2
+            y = y - a @ anchor
+            d = anchor @ y.T
+            w, a, image = (y - d.T @ anchor).to(dtype), a + (d + d.T) / 2, None
+            exact = torch.float64  # its residual (~1e-7 of M x) is no breakdown
         else:
-            w = gram(x)
-            used += b
-        if coupling is not None:
-            rows, c = coupling
-            if b == 1 and c.shape[0] == 1:
-                w.sub_(basis[rows], alpha=float(c[0, 0]))
+            exact = dtype
+            if image is not None:
+                w, image = image.to(dtype).clone(), None
+            elif used + b > budget:  # (the checks below stop before this)
+                cur -= b  # block `cur` was never multiplied: leave it out of the Ritz values
+                break
             else:
-                w -= torch.from_numpy(np.ascontiguousarray(c.T)).to(dtype) @ basis[rows]
-        a = x @ w.T
-        a = (a + a.T) / 2
-        if b == 1:
-            w.sub_(x, alpha=float(a))
-        else:
-            w -= a @ x
-        a = a.double()
-        if full or b > 1 or kept:
+                w = gram(x)
+                used += b
+            if coupling is not None:
+                rows, c = coupling
+                if b == 1 and c.shape[0] == 1:
+                    w.sub_(basis[rows], alpha=float(c[0, 0]))
+                else:
+                    w -= torch.from_numpy(np.ascontiguousarray(c.T)).to(dtype) @ basis[rows]
+            a = x @ w.T
+            a = (a + a.T) / 2
+            if b == 1:
+                w.sub_(x, alpha=float(a))
+            else:
+                w -= a @ x
+            a = a.double()
+        if full or b > 1 or kept or anchor is not None:
             spans = [slice(0, cur)] if full else [slice(0, min(kept, k + 2 * b)), slice(max(kept, cur - b), cur)]
+            if anchor is not None and not full and cur > 2 * b:
+                # the anchor is (nearly) an eigenvector: float32 vectors lose orthogonality to it at
+                # once and would rebuild it with float32's error
+                spans.append(slice(0, b))
             for span in spans:
                 if span.stop > span.start:
                     against = basis[span]
@@ -223,7 +258,7 @@ def _lanczos_stage(gram: _Gram, start: torch.Tensor, image: Optional[torch.Tenso
             new.copy_(q.T)
             r = rr.double().numpy()
         # breakdown (the Krylov space is invariant): continue with random directions
-        tiny = 100 * torch.finfo(dtype).eps * max(scale, 1e-300)
+        tiny = 100 * torch.finfo(exact).eps * max(scale, 1e-300)
         exhausted = False
         for i in np.flatnonzero(np.abs(np.diag(r)) <= tiny):
             z = torch.randn(n, generator=generator, dtype=torch.float64).to(dtype)
@@ -243,9 +278,16 @@ def _lanczos_stage(gram: _Gram, start: torch.Tensor, image: Optional[torch.Tenso
         restart = size + b > max_basis and not full_space
         if steps % CHECK_EVERY == 0 or used + b > budget or restart or full_space:
             theta, s = _top_eig(h[:cur + b, :cur + b], max(b, k))
-            est = np.linalg.norm(r @ s[cur:cur + b, :], axis=0)[:k]
-            done = bool(np.all(est <= np.maximum(target * theta[:k], floor * theta[0])))
-            if done or used + b > budget or full_space:
+            if anchor is not None:
+                correction, est = _anchored_correction(h, r, cur)
+            else:
+                est = np.linalg.norm(r @ s[cur:cur + b, :], axis=0)[:k]
+            allowed = np.maximum(target * theta[:k], floor * theta[0])
+            done = bool(np.all(est <= allowed))
+            worst = float(np.max(est / np.maximum(allowed, 1e-300)))
+            if worst < 0.5 * best:
+                best, best_step = worst, steps
+            if done or used + b > budget or full_space or (stall and steps - best_step >= STALL_STEPS):
                 break
             if restart:  # thick restart: keep the top Ritz vectors, the new block couples to them
                 p = min(max_basis - 2 * b, max(k + 2 * b, max_basis // 2))
@@ -257,15 +299,39 @@ def _lanczos_stage(gram: _Gram, start: torch.Tensor, image: Optional[torch.Tenso
                 h[:p, :p] = np.diag(theta)
                 h[:p, p:p + b], h[p:p + b, :p] = c, c.T
                 basis[p:p + b] = new
-                kept, cur, size = p, p, p + b
+                kept, cur, size, anchor = p, p, p + b, None
                 coupling = (slice(0, p), c)
                 continue
         h[size:size + b, cur:cur + b], h[cur:cur + b, size:size + b] = r, r.T
         coupling = (slice(cur, cur + b), r.T.copy())
         cur, size = size, size + b
     m = cur + b
-    theta, s = _top_eig(h[:m, :m], b)
-    return torch.from_numpy(s.T.copy()).to(dtype) @ basis[:m], used
+    if anchor is None:
+        theta, s = _top_eig(h[:m, :m], b)
+        return torch.from_numpy(s.T.copy()).to(dtype) @ basis[:m], used
+    correction, _ = _anchored_correction(h, r, cur)
+    return anchor + (torch.from_numpy(correction).to(dtype) @ basis[1:m]).to(torch.float64), used
+
+
+def _anchored_correction(h: np.ndarray, r: np.ndarray, cur: int):
+    """For an anchored stage (one vector ``x``, row 0): the correction ``c`` on rows ``1..cur``
+    minimizing ``||(M - theta) (x + V c)||``, ``theta`` the Rayleigh quotient of ``x``, from the
+    Lanczos relation ``M V = V_+ H_+``; and that minimum (a residual estimate, length-1 array).
+
+    Minimal residual, not Rayleigh-Ritz, and only along directions that ``M - theta`` moves by
+    more than ``REFINE_CUTOFF * theta`` (a truncated SVD): the top of a conv spectrum comes in
+    near-pairs (1e-10 to 1e-8 apart), closer than float32's error in ``H`` (~4e-7), and along the
+    pair's other vector both the top Ritz vector of ``H`` and an untruncated least-squares
+    correction are set by that error (measured: the residual back at ~4e-7 after the stage). The
+    pair's share of the residual is at most half its width, which is what float64 stages are for."""
+    m = cur + 1
+    extended = np.zeros((m + 1, m))
+    extended[:m, :m] = h[:m, :m] - h[0, 0] * np.eye(m)
+    extended[m, cur] = r[0, 0]
+    u, sv, vt = np.linalg.svd(extended[:, 1:], full_matrices=False)
+    keep = sv > REFINE_CUTOFF * abs(h[0, 0])
+    c = -vt[keep].T @ ((u[:, keep].T @ extended[:, 0]) / sv[keep])
+    return c[None, :], np.array([np.linalg.norm(extended[:, 0] + extended[:, 1:] @ c)])
 
 
 def layer_start_vector(layer, geometry) -> Optional[torch.Tensor]:
@@ -361,33 +427,45 @@ def top_singular_values(geometry, kernel: torch.Tensor, k: int = 1, tol: float =
     rows, image = x0, None
     stages = []
     theta = residuals = None
-    converged = False
-    stage = 0
+    converged, anchored = False, False
+    stage, before = 0, math.inf  # the schedule's position; the last certified relative residual
     while True:
         dtype = dtypes[min(stage, len(dtypes) - 1)]
         gram = grams.setdefault(dtype, _Gram(geometry, kernel, dtype, side))
         left = budget - sum(g.products for g in grams.values()) - b  # keep b for the certification
         if left < b:
             break
-        start_rows = rows.to(dtype) if dtype == torch.float64 else _orthonormal_rows(rows.to(dtype), 1e-4)
-        if len(start_rows) < b:  # numerically dependent after the cast: refill with random rows
-            extra = torch.randn(b - len(start_rows), n, generator=generator, dtype=torch.float64).to(dtype)
-            start_rows = _orthonormal_rows(torch.cat([start_rows, extra]))
-        stage_image = image if (image is not None and dtype == torch.float64 and len(start_rows) == len(image)) else None
+        if anchored or dtype == torch.float64:
+            start_rows = rows  # float64, orthonormal, with their float64 images
+        else:
+            start_rows = _orthonormal_rows(rows.to(dtype), 1e-4)
+            if len(start_rows) < b:  # numerically dependent after the cast: refill with random rows
+                extra = torch.randn(b - len(start_rows), n, generator=generator, dtype=torch.float64).to(dtype)
+                start_rows = _orthonormal_rows(torch.cat([start_rows, extra]))
+        if image is not None and len(image) == len(start_rows) == b and (anchored or dtype == torch.float64):
+            stage_image = image
+        else:
+            stage_image, anchored = None, False
+            start_rows = start_rows.to(dtype) if start_rows.dtype != dtype else start_rows
         max_basis = max(MIN_BASIS, MAX_BASIS_BYTES // (n * torch.finfo(dtype).bits // 8))
         full = max_basis * n <= FULL_REORTH_ENTRIES or n <= max_basis
-        # half the target, for the rounding the certification adds
-        ritz, used = _lanczos_stage(gram, start_rows, stage_image, k=k, target=0.5 * target,
-                                    floor=max(FLOORS[dtype], 0.5 * MIN_RELATIVE_RESIDUAL), budget=left,
-                                    max_basis=max_basis, full=full, generator=generator)
-        stages.append((str(dtype).replace("torch.", ""), used))
+        floor = FLOORS[torch.float64 if anchored else dtype]
+        ritz, used = _lanczos_stage(gram, start_rows, stage_image, k=k, target=STAGE_MARGIN[dtype] * target,
+                                    floor=max(floor, 0.5 * MIN_RELATIVE_RESIDUAL), budget=left,
+                                    max_basis=max_basis, full=full, generator=generator, anchored=anchored,
+                                    stall=anchored or stage < len(dtypes) - 1)
+        stages.append((str(dtype).replace("torch.", "") + ("-refine" if anchored else ""), used))
         theta, rows, image, residuals = _rayleigh_ritz(gram64, ritz)
         top = float(theta[0]) if len(theta) else 0.0
         ok = residuals[:k] <= torch.maximum(target * theta[:k].clamp_min(0), torch.tensor(MIN_RELATIVE_RESIDUAL * top))
         converged = len(theta) >= k and bool(ok.all())
-        stage += 1
         if converged or used == 0:
             break
+        after = float((residuals[:k] / theta[:k].clamp_min(1e-300)).max()) if len(theta) >= k else math.inf
+        # float32 again, anchored at the certified vectors, while that cuts the residual 4x; then on
+        anchored = REFINE and dtype == torch.float32 and b == 1 and after <= before / 4
+        stage += 0 if anchored else 1
+        before = after
     if theta is None:  # no stage ran (maxiter below two blocks): certify the start
         theta, rows, image, residuals = _rayleigh_ritz(gram64, x0)
     products = sum(g.products for g in grams.values())

@@ -64,8 +64,8 @@ def test_matches_explicit_svd(case, k, tol):
     assert in_stages < result.products <= in_stages + len(result.stages) * (k + 1)  # + the certifications
     if tol >= 1e-6:
         assert [d for d, _ in result.stages] == ["float32"]  # float32 iterations, float64 certification
-    if tol <= 1e-10:
-        assert [d for d, _ in result.stages][-1] == "float64"  # beyond float32's reach
+    if tol <= 1e-10:  # beyond float32's reach: float64 stages, or float32 ones anchored at float64 vectors
+        assert [d for d, _ in result.stages][-1] in ("float64", "float32-refine")
 
 
 def test_every_value_of_a_tiny_operator():
