@@ -64,6 +64,26 @@ def test_refresh_runs_once_per_optimizer_step_batched(monkeypatch):
     assert calls == [13, 1, 13, 1], calls
 
 
+def test_large_groups_are_refreshed_in_chunks_equal_to_per_layer(monkeypatch):
+    """A signature group beyond the device's vector bound runs as consecutive chunks; the result is
+    the per-layer path's."""
+    torch.manual_seed(0)
+    chunked = Stack(0.3, "projected")
+    per_layer = copy.deepcopy(chunked)
+    per_layer_bytes = 2 * 5 * 8 * 8 * 8  # u and v of one 5-channel layer at 8x8, float64
+    monkeypatch.setitem(refresh_module.MAX_GROUP_VECTOR_BYTES, "cpu", 3 * per_layer_bytes + 1)
+    calls = []
+    original = refresh_module._refresh_group
+    monkeypatch.setattr(refresh_module, "_refresh_group", lambda layers, *a: calls.append(len(layers)) or original(layers, *a))
+    _train(chunked, 20)
+    assert calls[:6] == [3, 3, 3, 3, 1, 1], calls  # 13 same-signature layers, then `out`
+    monkeypatch.setattr(refresh_module, "BATCHED", False)
+    _train(per_layer, 20)
+    for (name, a), b in zip(chunked.state_dict().items(), per_layer.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+
+
 def test_explicit_refresh_entry_point_and_eval_model_is_left_alone():
     torch.manual_seed(0)
     model = Stack(0.5, "projected", torch.float32)
