@@ -440,7 +440,9 @@ def gram_inner(a: torch.Tensor, b: torch.Tensor, gram: torch.Tensor) -> torch.Te
 @functools.lru_cache(maxsize=256)
 def _pad_index(geometry: ConvGeometry) -> torch.Tensor:
     size = geometry.input_size
-    index = torch.arange(math.prod(size), dtype=torch.float64).reshape(1, 1, *size)
+    # an explicit device: the result is cached, and a `with torch.device("meta")` block around the
+    # first layer of this geometry must not leave a meta tensor for every later one
+    index = torch.arange(math.prod(size), dtype=torch.float64, device="cpu").reshape(1, 1, *size)
     if geometry.padding_mode == "zeros":
         padded = F.pad(index, geometry.pad, value=-1.0)
     else:
@@ -464,7 +466,7 @@ def _tap_sources(geometry: ConvGeometry) -> torch.Tensor:
 def _kernel_gram(geometry: ConvGeometry) -> torch.Tensor:
     taps = _tap_sources(geometry)
     n_taps = taps.shape[0]
-    gram = torch.zeros(n_taps, n_taps, dtype=torch.float64)
+    gram = torch.zeros(n_taps, n_taps, dtype=torch.float64, device="cpu")  # cached: see _pad_index
     for chunk in taps.split(max(1, 2**22 // max(1, n_taps * n_taps)), dim=1):
         same = (chunk[:, None, :] == chunk[None, :, :]) & (chunk[:, None, :] >= 0)
         gram += same.sum(-1, dtype=torch.float64)

@@ -152,7 +152,7 @@ def test_the_start_is_stored_in_the_layers_layout_and_dtype():
 
 
 def test_meta_inference_mode_and_autocast():
-    with torch.device("meta"):  # (a size of its own: conv_operator's Gram cache keeps what the meta device made)
+    with torch.device("meta"):
         layer = srnc_ext.SRNCConv2d(4, 4, 3, padding=1, input_size=31)
     assert warm_start.layer_start(layer) is None and layer.u.is_meta
     torch.manual_seed(0)

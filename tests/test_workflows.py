@@ -264,6 +264,19 @@ def test_meta_init_to_empty_and_load_state_dict(beta, how):
     assert not layer.is_stale()
 
 
+def test_a_meta_layer_first_leaves_no_meta_constants_for_later_layers():
+    """The geometry's cached constants (pad index, tap Gram) are made on the CPU even when the
+    first layer of that geometry is built inside ``with torch.device("meta")``."""
+    size = 23  # a geometry no other test builds first
+    with torch.device("meta"):
+        meta_layer = SRNCConv2d(3, 4, 3, padding=1, input_size=size)
+    assert meta_layer.u.is_meta
+    layer = SRNCConv2d(3, 4, 3, padding=1, alpha=1.5, input_size=size)
+    assert layer._gram.device.type == "cpu" and layer._gram_pinv.device.type == "cpu"
+    sigma = singular_values(layer.geometry, layer.effective_weight())[0].item()
+    assert sigma == pytest.approx(1.5, rel=1e-2)
+
+
 def test_to_empty_then_reset_parameters_gives_a_normalized_layer():
     with torch.device("meta"):
         layer = SRNCConv2d(4, 5, 3, padding=1, alpha=1.5, input_size=8)
