@@ -91,7 +91,9 @@ def _ratio_table(config, rounds, name, kinds=None):
 
 
 def test_ratio_table_cpu():
-    median = _ratio_table(CPU, rounds=15, name="train_step_cpu")
+    srnc = available_srnc_kinds("cpu")[0]
+    kinds = _kinds("cpu") + [srnc + "-every4", srnc + "-beta1-every4"]
+    median = _ratio_table(CPU, rounds=16, name="train_step_cpu", kinds=kinds)  # whole refresh cycles of 4
     assert all(v > 0 for v in median.values())
 
 
