@@ -118,6 +118,15 @@ class ConvGeometry:
     padding_mode: str
     input_size: IntTuple
 
+    def __post_init__(self) -> None:
+        # (positions, dim_in, dim_out), computed once (in __dict__, not a field: equality and hash
+        # stay the fields'). The reweight op's scalars read them on every forward, and under
+        # torch.compile Dynamo traced the chain of properties behind them on every layer call:
+        # about a fifth of its tracing time on a 12-layer, 7-frame unroll (8.6 s -> 6.7 s).
+        positions = math.prod(self.output_size)
+        object.__setattr__(self, "_counts", (positions, self.in_channels * math.prod(self.input_size),
+                                             self.out_channels * positions))
+
     # ----------------------------------------------------------------- construction
     @classmethod
     def create(
@@ -286,22 +295,22 @@ class ConvGeometry:
     @property
     def positions(self) -> int:
         """``prod(output_size)``: the output positions."""
-        return math.prod(self.output_size)
+        return self._counts[0]
 
     @property
     def dim_in(self) -> int:
         """Dimension of the operator's domain, ``C_in * prod(input_size)``."""
-        return self.in_channels * math.prod(self.input_size)
+        return self._counts[1]
 
     @property
     def dim_out(self) -> int:
         """Dimension of the operator's codomain, ``C_out * prod(output_size)``."""
-        return self.out_channels * self.positions
+        return self._counts[2]
 
     @property
     def full_rank(self) -> int:
         """``min(dim_in, dim_out)``: the largest rank an operator of this shape can have."""
-        return min(self.dim_in, self.dim_out)
+        return min(self._counts[1], self._counts[2])
 
     @property
     def weight_shape(self) -> IntTuple:
