@@ -118,9 +118,9 @@ def _check_refresh_arguments(n_iterations, tol) -> None:
 
 
 def refresh_layers(layers: Iterable[nn.Module], n_iterations: Optional[int] = None, mark_refreshed: bool = True,
-                   *, tol: Optional[float] = None) -> None:
+                   *, tol: Optional[float] = None, warn: bool = True) -> None:
     """Refresh ``layers`` (materialized), one batched refresh per signature. Layers on the meta
-    device hold no values and are skipped."""
+    device hold no values and are skipped. ``warn``: warn when ``tol`` was not reached."""
     _check_refresh_arguments(n_iterations, tol)
     groups: Dict[tuple, list] = defaultdict(list)
     for layer in layers:
@@ -131,7 +131,7 @@ def refresh_layers(layers: Iterable[nn.Module], n_iterations: Optional[int] = No
     with normal_tensors():  # buffers refreshed inside inference mode stay usable outside it
         for (_, n), members in groups.items():
             for chunk in _chunks(members):
-                _refresh_group(chunk, n, mark_refreshed, tol)
+                _refresh_group(chunk, n, mark_refreshed, tol, warn)
 
 
 def _chunks(layers: List[nn.Module]) -> List[List[nn.Module]]:
@@ -149,7 +149,7 @@ def _chunks(layers: List[nn.Module]) -> List[List[nn.Module]]:
 
 @torch.no_grad()
 def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: bool = True,
-                   tol: Optional[float] = None) -> None:
+                   tol: Optional[float] = None, warn: bool = True) -> None:
     """One batched refresh; buffers of the layers change only if all of it succeeds."""
     first, n = layers[0], len(layers)
     geometry, eps, code = first.geometry, first.eps, first.variant_code
@@ -200,7 +200,7 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
     for i, (layer, state) in enumerate(zip(layers, states)):
         state.committed(layer.weight if mark_refreshed else None, residual[i])
     _STACKS[first] = {name: (_buffer_keys(states, name), value) for name, value in new.items()}
-    if tol is not None and bool((residual > tol).any()):
+    if warn and tol is not None and bool((residual > tol).any()):
         warnings.warn(f"refresh: the power-iteration residual is {float(residual.max()):.3g} > tol={tol} after "
                       f"{n_iterations} iterations (a slowly converging top of the spectrum, or a tol below the "
                       f"precision of {first.compute_dtype}); pass more iterations", RuntimeWarning, stacklevel=4)

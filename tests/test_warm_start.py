@@ -86,17 +86,22 @@ KINDS = [
 ]
 
 
-def _warmed(cls, size, beta, mode, symbol):
+def _warmed(cls, size, beta, mode, symbol, budget=False):
+    """The layer after its warm-up: the symbol start or the random one, with the fixed iteration
+    counts (``budget``: the small-operator iterations to WARMUP_TOL as well)."""
     torch.manual_seed(0)
     options = {} if mode == "zeros" else dict(padding_mode=mode)
-    original = warm_start.layer_start
+    original, counts = warm_start.layer_start, module.warmup_iterations
     try:
         if not symbol:
             warm_start.layer_start = lambda layer: None
+        if not budget:
+            fixed = module.SYMBOL_WARMUP_ITERATIONS if symbol else module.WARMUP_ITERATIONS
+            module.warmup_iterations = lambda geometry, n, symbol_start: (max(fixed, n), None)
         return cls(3, 4, 3, padding=1, alpha=0.8, beta=beta, bias=False, dtype=torch.float64, input_size=size,
                    **options)
     finally:
-        warm_start.layer_start = original
+        warm_start.layer_start, module.warmup_iterations = original, counts
 
 
 @pytest.mark.parametrize("cls, size", KINDS, ids=lambda x: getattr(x, "__name__", str(x)))
@@ -117,6 +122,17 @@ def test_every_kind_ends_its_warm_up_at_alpha(cls, size, beta, mode):
     error = abs(sigma / 0.8 - 1)
     assert error <= (1e-8 if mode == "circular" else 2e-3)
     assert error < abs(spectral.spectral_norm(old, tol=1e-10) / 0.8 - 1)
+    # by default these small operators iterate on (to WARMUP_TOL, or for WARMUP_WORK) from either
+    # start: never further from alpha than the fixed count (the power iteration's Rayleigh quotient
+    # only grows), within 1e-4 where the tolerance was reached
+    for symbol, fixed in ((True, layer), (False, old)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            budgeted = _warmed(cls, size, beta, mode, symbol=symbol, budget=True)
+        budgeted_error = abs(spectral.spectral_norm(budgeted, tol=1e-10) / 0.8 - 1)
+        assert budgeted_error <= abs(spectral.spectral_norm(fixed, tol=1e-10) / 0.8 - 1) + 1e-9
+        if budgeted.residual <= module.WARMUP_TOL:
+            assert budgeted_error <= 1e-4
 
 
 def test_linear_lazy_and_strided_layers_keep_the_random_start(monkeypatch):
@@ -196,4 +212,26 @@ def test_symbol_warm_up_iteration_count_and_explicit_count():
         layer.set_input_size(32)
     finally:
         module._refresh.refresh_layers = original
-    assert calls == [module.SYMBOL_WARMUP_ITERATIONS, 4, module.WARMUP_ITERATIONS]
+    # a small operator iterates on (to WARMUP_TOL) within WARMUP_WORK, from either start
+    assert module.warmup_iterations(layer.geometry, 1, True) == module.warmup_iterations(layer.geometry, 1, False)
+    small, tol = module.warmup_iterations(layer.geometry, 1, False)
+    assert small > module.WARMUP_ITERATIONS and tol == module.WARMUP_TOL
+    assert calls == [small, 4, small]
+
+
+def test_warm_up_budget_by_operator_size():
+    big = srnc_ext.SRNCConv2d(64, 64, 3, padding=1, padding_mode="reflect", input_size=64).geometry
+    assert module.warmup_iterations(big, 1, False) == (module.WARMUP_ITERATIONS, None)
+    assert module.warmup_iterations(big, 20, False) == (20, None)
+    assert module.warmup_iterations(big, 1, True) == (module.SYMBOL_WARMUP_ITERATIONS, None)
+    tiny = srnc_ext.SRNCConv2d(4, 5, 3, padding=1, input_size=8).geometry
+    assert module.warmup_iterations(tiny, 1, False) == (module.MAX_WARMUP_ITERATIONS, module.WARMUP_TOL)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_small_layers_start_at_alpha_whatever_the_init(seed):
+    """A small layer's random-start warm-up converges (15 iterations left some 8x8 layers 7% above alpha)."""
+    torch.manual_seed(seed)
+    layer = srnc_ext.SRNCConv2d(4, 5, 3, padding=1, alpha=1.5, input_size=8)
+    sigma = _dense_sigma(layer.geometry, layer.effective_weight().detach())
+    assert abs(sigma / 1.5 - 1) < 1e-3, sigma

@@ -383,11 +383,12 @@ def _close_spectrum_layer(n=32):
     with torch.no_grad():
         layer.weight.zero_()
         layer.weight[0, 0, 1, 1:] = 1.0
-    # the random start: the symbol start (srnc_ext.warm_start) is the exact top pair of a circulant operator,
+    # the random start with the fixed count: the symbol start (srnc_ext.warm_start) is the exact top pair
+    # of a circulant operator, and a small operator's default warm-up iterates on to WARMUP_TOL, either
     # leaving no slow convergence to watch
     original, srnc_ext.warm_start.layer_start = srnc_ext.warm_start.layer_start, lambda layer: None
     try:
-        layer.reset_power_iteration()
+        layer.reset_power_iteration(srnc_ext.module.WARMUP_ITERATIONS)
     finally:
         srnc_ext.warm_start.layer_start = original
     return layer
