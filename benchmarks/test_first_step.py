@@ -10,6 +10,7 @@ the largest over the layers measured. ``test_first_step_table`` writes
 ``benchmarks/results/first_step_cpu.md``.
 """
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -37,15 +38,15 @@ def _run(config, setting=None, start="symbol", track_every=None):
     convert_s, tracking = 0.0, None
     if setting is not None:
         alpha, beta = SETTINGS[setting]
-        original = warm_start.layer_start
+        original = warm_start.layer_starts
         if start == "random":
-            warm_start.layer_start = lambda layer: None
+            warm_start.layer_starts = lambda layers: [None] * len(layers)
         try:
             began = time.perf_counter()
             srnc_ext.convert(model, alpha=alpha, beta=beta, input_size=config["size"])
             convert_s = time.perf_counter() - began
         finally:
-            warm_start.layer_start = original
+            warm_start.layer_starts = original
         if track_every:
             layers = _srnc_layers(model)[::track_every]
             tracking = max(spectral.spectral_norm(layer, tol=1e-8) / layer.alpha for layer in layers)
@@ -69,28 +70,39 @@ def test_first_step_smoke():
     assert all(warm_start.layer_start(layer) is not None for layer in _srnc_layers(model))
 
 
+ROUNDS = 3  # interleaved rounds of every row; medians over them
+
+
 def _table(config, name, track_every):
-    rows = {}
-    plain = [_run(config)]
-    for setting in SETTINGS:
-        for start in ("symbol", "random"):
-            rows[(setting, start)] = _run(config, setting, start, track_every)
-    plain.append(_run(config))  # before and after: drift shows as a difference of the two
-    plain_first = sum(p[1] for p in plain) / 2
-    plain_second = sum(p[2] for p in plain) / 2
+    samples = {"plain": []}
+    for round_ in range(ROUNDS):  # interleaved, so drift affects every row alike
+        samples["plain"].append(_run(config))
+        for setting in SETTINGS:
+            for start in ("symbol", "random"):
+                samples.setdefault((setting, start), []).append(_run(config, setting, start, track_every if round_ == 0 else None))
+    plain = samples.pop("plain")
+    plain_first = statistics.median(p[1] for p in plain)
+    plain_second = statistics.median(p[2] for p in plain)
     lines = [
         f"### {name}: {config}",
         "",
-        f"plain: first step {plain_first:.2f} s, second {plain_second:.2f} s (mean of a run before and one after "
-        f"the SRN-C runs: {plain[0][1]:.2f} / {plain[1][1]:.2f} s first).",
+        f"plain: first step {plain_first:.2f} s, second {plain_second:.2f} s (median of {ROUNDS}; first steps: "
+        f"{', '.join(f'{p[1]:.2f}' for p in plain)} s).",
         "",
         "| setting | warm-up | convert (s) | first step (s) | convert + first step / plain first | "
         "second step / plain second | max sigma_1(W_eff)/alpha after convert |",
         "|---|---|---|---|---|---|---|",
     ]
-    for (setting, start), (convert_s, first, second, tracking) in rows.items():
-        lines.append(f"| {setting} | {start} | {convert_s:.2f} | {first:.2f} | {(convert_s + first) / plain_first:.2f} | "
-                     f"{second / plain_second:.2f} | {tracking:.5f} |")
+    rows = {}
+    for (setting, start), runs in samples.items():
+        # per round: this row's convert + first step over the plain first step of the same round
+        ratio = statistics.median((r[0] + r[1]) / p[1] for r, p in zip(runs, plain))
+        second = statistics.median(r[2] / p[2] for r, p in zip(runs, plain))
+        convert_s, first = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+        tracking = runs[0][3]
+        rows[(setting, start)] = (convert_s, first, ratio, tracking)
+        lines.append(f"| {setting} | {start} | {convert_s:.2f} | {first:.2f} | {ratio:.2f} | {second:.2f} | "
+                     f"{tracking:.5f} |")
     return lines, rows
 
 
@@ -101,8 +113,9 @@ def test_first_step_table():
     lines = [
         "# First eager step of a converted model (CPU)",
         "",
-        f"Machine: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads. One process, one run per "
-        "row (a fresh model each): convert with input_size, then two training steps (forward over the frames, "
+        f"Machine: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads. One process, {ROUNDS} "
+        "interleaved rounds of every row (a fresh model each run): medians of the times, ratios the median of "
+        "each round's ratio to that round's plain run. A run: convert with input_size, then two training steps (forward over the frames, "
         "backward, Adam step with the refresh). warm-up 'symbol': symbol start + "
         f"{SYMBOL_WARMUP_ITERATIONS} iteration(s); 'random': random start + {WARMUP_ITERATIONS} iterations (the "
         "previous warm-up). Tracking: exact sigma_1 (srnc_ext.spectral, tol 1e-8) of the effective weight right "

@@ -18,7 +18,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.parameter import is_lazy
 
 from .layer_kinds import CONV_KINDS, LAZY_TORCH, TORCH_KINDS, layer_config, srnc_kind, torch_kind
-from .module import SRNCLayer
+from .module import SRNCLayer, reset_power_iterations
 
 # what convert replaces by default: every conv kind (their lazy forms and subclasses too); nn.Linear
 # is supported and converted when types names it
@@ -155,7 +155,7 @@ def _srnc_layer(name: str, module: nn.Module, input_size, alpha: float, beta: fl
     if linear:
         layer.reset_power_iteration()  # built on meta: now on the real weight
     elif input_size is not None and input_size != "track" and not lazy:
-        layer.set_input_size(input_size)
+        layer._set_geometry(input_size)  # warmed up with the others: convert's reset_power_iterations
     return layer
 
 
@@ -185,7 +185,9 @@ def convert(
     (``n_power_iterations``, ``eps``, ``variant``, ``backend``, ``refresh_every``, ``sigma_floor``; without ``sigma_floor``,
     a layer whose weight is all zeros, a zero-initialized one, gets ``sigma_floor=1.0``: it trains like
     the unconverted layer until its sigma_1 reaches alpha). Layers with a known size start with
-    a fresh warmed-up power iteration on their weight. Every layer is built before any is replaced,
+    a fresh warmed-up power iteration on their weight, all warmed up together
+    (``module.reset_power_iterations``: one batched symbol search and one batched refresh per refresh
+    signature). Every layer is built before any is replaced,
     so a refused argument leaves the model as it was. One ``UserWarning`` lists the conv-like
     modules left alone (``Linear`` unless in ``types``, deformable convs, layers not selected).
     Returns the model (or the new layer if ``model`` is itself a conv).
@@ -202,6 +204,12 @@ def convert(
             new[key] = _srnc_layer(name, module, sizes[key], alpha, beta, kwargs)
         except (TypeError, ValueError) as err:
             raise type(err)(f"layer {name or '<model>'!r}: {err}") from err
+    sized = [layer for layer in new.values() if layer._geometry is not None and not layer.power_iteration.allocated]
+    for layer in sized:  # the refresh would name a bad layer by its index in a refresh group
+        if not layer.weight.is_meta and not bool(torch.isfinite(layer.weight.detach()).all()):
+            raise ValueError(f"layer {layer.srnc_name or '<model>'!r}: weight contains NaN or inf; "
+                             "the power-iteration vectors were not updated")
+    reset_power_iterations(sized)  # batched across layers: one symbol search and one refresh per signature
 
     inside = tuple(f"{name}." if name else "" for name, _ in targets.values())  # replaced along with their layer
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -87,6 +87,36 @@ def warmup_iterations(geometry: ConvGeometry, n_power_iterations: int, symbol_st
     conv_work = geometry.positions * geometry.out_channels * (geometry.in_channels // geometry.groups) * geometry.taps
     affordable = min(MAX_WARMUP_ITERATIONS, WARMUP_WORK // max(1, conv_work))
     return (affordable, WARMUP_TOL) if affordable > fixed else (fixed, None)
+
+
+@torch.no_grad()
+def reset_power_iterations(model_or_layers, n_iterations: Optional[int] = None) -> int:
+    """``reset_power_iteration`` of every materialized SRN-C layer of a model, or of every layer of an
+    iterable of layers (each with ``input_size`` known), batched: one symbol search per refresh
+    signature (``warm_start.layer_starts``), then one batched warm-up refresh per signature and
+    iteration count. Every start is computed before any buffer is written. Returns the number of
+    layers reset. ``convert`` warms its layers up this way; call it after loading new weights
+    wholesale into a converted model."""
+    if isinstance(model_or_layers, nn.Module):
+        layers = [m for m in _refresh._layers_of(model_or_layers) if m.materialized]
+    else:
+        layers = list(model_or_layers)
+    for layer in layers:
+        if layer._geometry is None:
+            raise RuntimeError(f"{layer._display_name()}: input_size is unknown: pass input_size= or run a forward first")
+    if n_iterations is not None:
+        check_iterations("n_iterations", n_iterations)
+    starts = warm_start.layer_starts(layers)
+    counts: Dict[tuple, list] = {}
+    for layer, start in zip(layers, starts):
+        n, tol = (n_iterations, None) if n_iterations is not None else warmup_iterations(
+            layer._geometry, layer.n_power_iterations, start is not None)
+        counts.setdefault((n, tol), []).append(layer)
+    for layer, start in zip(layers, starts):
+        layer._allocate(layer._geometry, start)
+    for (n, tol), members in counts.items():
+        _refresh.refresh_layers(members, n, tol=tol, warn=False)  # counts as these weights' refresh
+    return len(layers)
 
 
 def _storage_shortfall(tensor) -> Optional[str]:
@@ -330,9 +360,14 @@ class SRNCLayer:
     def set_input_size(self, input_size) -> None:
         """Set the feature-map size (an int or one per spatial dimension) and start a fresh warmed-up
         power iteration."""
+        self._set_geometry(input_size)
+        self.reset_power_iteration()
+
+    def _set_geometry(self, input_size) -> None:
+        """Set the feature-map size without touching the power iteration (``convert`` warms many
+        layers up at once after this)."""
         self._geometry = self._geometry_for(self._input_size_arg(input_size))  # validates first
         self._size_warned = False
-        self.reset_power_iteration()
 
     def _other_input_size(self, size: Tuple[int, ...]) -> None:
         """A forward saw an input of ``size``, not the normalized ``input_size``: re-normalize for
@@ -362,13 +397,12 @@ class SRNCLayer:
             return f"{type(self).__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size})"
         return f"{type(self).__name__}({self.in_features}, {self.out_features})"
 
-    def _allocate(self, geometry: ConvGeometry) -> None:
+    def _allocate(self, geometry: ConvGeometry, vectors: Optional[Dict[str, torch.Tensor]] = None) -> None:
         device = self.weight.device
         self.power_iteration.allocate(geometry, self.compute_dtype, device,
-                                      _refresh.vector_format(device, geometry.ndim), self.eps)
+                                      _refresh.vector_format(device, geometry.ndim), self.eps, vectors)
         self._weight_cache = None
 
-    @torch.no_grad()
     def reset_power_iteration(self, n_iterations: Optional[int] = None) -> None:
         """Start new vectors and run ``n_iterations`` power iterations on the current weight (none on
         the meta device).
@@ -378,21 +412,9 @@ class SRNCLayer:
         iterations by default, else random vectors with ``max(WARMUP_ITERATIONS, n_power_iterations)``
         (small operators: on to ``WARMUP_TOL``, see ``warmup_iterations``).
         Call it after replacing the weight wholesale. Requires ``input_size``.
+        ``reset_power_iterations(layers)`` does this for many layers at once, batched.
         """
-        if self._geometry is None:
-            raise RuntimeError("input_size is unknown: pass input_size= or run a forward first")
-        if n_iterations is not None:
-            check_iterations("n_iterations", n_iterations)
-        start = warm_start.layer_start(self)  # computed before any buffer is written
-        tol = None
-        if n_iterations is None:
-            n_iterations, tol = warmup_iterations(self._geometry, self.n_power_iterations, start is not None)
-        self._allocate(self._geometry)
-        if start is not None:
-            with normal_tensors():
-                for name, value in start.items():
-                    self._buffers[name].copy_(value)
-        _refresh.refresh_layers([self], n_iterations, tol=tol, warn=False)  # counts as this weight's refresh
+        reset_power_iterations([self], n_iterations)
 
     def reset_parameters(self) -> None:
         """The torch layer's initialization, then a fresh power iteration for the new weight (what

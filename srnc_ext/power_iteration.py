@@ -44,6 +44,18 @@ def normal_tensors():
     return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
 
 
+def _random_unit(shape, dtype: torch.dtype, device, memory_format, eps: float) -> torch.Tensor:
+    """A random unit vector of ``shape``, drawn in ``memory_format``'s element order (no copy into it)."""
+    order = {4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}.get(len(shape))
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape))
+    if memory_format == last and order is not None:
+        value = torch.randn([shape[i] for i in order], dtype=dtype, device=device).permute(
+            *[order.index(j) for j in range(len(shape))])
+    else:
+        value = torch.randn(shape, dtype=dtype, device=device)
+    return value.div_(torch.linalg.vector_norm(value).clamp_min(eps))
+
+
 class PowerIterationState:
     """Vectors, derived constants, freshness and convergence of one layer (see the module docstring).
 
@@ -81,17 +93,25 @@ class PowerIterationState:
         shapes["_consts"] = (1, 2)
         return shapes
 
-    def allocate(self, geometry: ConvGeometry, dtype: torch.dtype, device, memory_format, eps: float) -> None:
-        """Buffers for ``geometry``: random unit vectors (uninitialized on the meta device) and zero
-        constants, as normal tensors even under inference mode."""
+    def allocate(self, geometry: ConvGeometry, dtype: torch.dtype, device, memory_format, eps: float,
+                 vectors: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Buffers for ``geometry``: the given ``vectors`` (by name, of their buffer's shape, dtype,
+        device and memory format: stored as they are), random unit vectors for the others
+        (uninitialized on the meta device) and zero constants, as normal tensors even under
+        inference mode."""
         device = torch.device(device)
+        vectors = vectors or {}
         with normal_tensors(), torch.no_grad():
             for name, shape in self.shapes(geometry).items():
-                if device.type == "meta":
+                if name in vectors:
+                    value = vectors[name]
+                    if value.shape != shape or value.dtype != dtype or value.device != device:
+                        raise ValueError(f"vector {name!r}: expected {tuple(shape)} {dtype} on {device}, got "
+                                         f"{tuple(value.shape)} {value.dtype} on {value.device}")
+                elif device.type == "meta":
                     value = torch.empty(shape, dtype=dtype, device=device)
                 elif name in self.vector_names:
-                    value = torch.randn(shape, dtype=dtype, device=device)
-                    value = value / torch.linalg.vector_norm(value).clamp_min(eps)
+                    value = _random_unit(shape, dtype, device, memory_format, eps)
                 else:
                     value = torch.zeros(shape, dtype=dtype, device=device)
                 if name in self.vector_names:

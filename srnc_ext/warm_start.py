@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -44,6 +44,8 @@ COARSE_STEPS = 8  # power steps per coarse-grid frequency (a ranking, not a valu
 CANDIDATES = 4  # coarse maxima refined (the symbol's sigma_1 can have several local maxima)
 REFINE_ROUNDS = 6  # pattern-search rounds, the step halving each round
 REFINE_STEPS = 3  # power steps per point and round (warm-started from the centre's vector)
+# the largest product of one batched search, in entries (float32, 64 MiB): about 360 64->64 3x3 kernels
+SEARCH_ELEMENTS = 2**24
 # Maps with a side below MIN_SIDE (along a dim the kernel spans) keep the random start: there the boundary
 # moves the top singular vector far from a windowed plane wave (3->4 3x3x3 at 6x6x6, zero padding: 8e-3
 # from alpha after the symbol warm-up against 8e-4 after 15 random-start iterations), and full-map steps
@@ -90,53 +92,70 @@ def _offsets(geometry: ConvGeometry) -> torch.Tensor:
 
 
 class _Symbol:
-    """``M(w)`` of one kernel, applied to batches of vectors at batches of frequencies (float32), or
-    formed explicitly (float64)."""
+    """``M(w)`` of ``B`` kernels of one geometry, applied to batches of vectors at batches of
+    frequencies (one set of frequencies per kernel; float32), or formed explicitly (float64).
 
-    def __init__(self, geometry: ConvGeometry, kernel: torch.Tensor) -> None:
+    Vectors are ``(B*g, C, F)``: kernel ``b``'s group ``j`` at row ``b*g + j``, frequency ``f`` of that
+    kernel in column ``f``."""
+
+    def __init__(self, geometry: ConvGeometry, kernels: torch.Tensor) -> None:
         g, taps = geometry.groups, geometry.taps
         self.g, self.c_out, self.c_in, self.taps = g, geometry.out_channels // g, geometry.in_channels // g, taps
-        k = kernel.detach().to(device="cpu", dtype=_DTYPE).reshape(g, self.c_out, self.c_in, taps)
-        self.kernel = k.permute(0, 3, 1, 2)  # (g, T, Co, Ci) float64
-        self.stacked = self.kernel.reshape(g, taps * self.c_out, self.c_in).to(_SEARCH_DTYPE)  # (g, T*Co, Ci)
+        self.b = kernels.shape[0]
+        k = kernels.detach().to(device="cpu", dtype=_DTYPE).reshape(self.b, g, self.c_out, self.c_in, taps)
+        self.kernel = k.permute(0, 1, 4, 2, 3)  # (B, g, T, Co, Ci) float64
+        self.stacked = self.kernel.reshape(self.b * g, taps * self.c_out, self.c_in).to(_SEARCH_DTYPE)  # (B*g, T*Co, Ci)
         self.offsets = _offsets(geometry)
 
-    def finite_nonzero(self) -> bool:
-        return bool(torch.isfinite(self.kernel).all()) and bool(self.kernel.any())
+    def usable(self) -> torch.Tensor:
+        """``(B,)`` bool: the kernels that are finite and not all zero."""
+        flat = self.kernel.reshape(self.b, -1)
+        return torch.isfinite(flat).all(1) & flat.ne(0).any(1)
 
     def phases(self, w: torch.Tensor, dtype=_SEARCH_DTYPE) -> torch.Tensor:
-        """``(T, F)`` complex: ``exp(i w.(d t - p))`` for frequencies ``w (F, ndim)`` (float64)."""
-        angle = (self.offsets @ w.T).to(dtype)
+        """``(B, T, F)`` complex: ``exp(i w.(d t - p))`` for frequencies ``w (B, F, ndim)`` (float64)."""
+        angle = torch.einsum("td,bfd->btf", self.offsets, w).to(dtype)
         return torch.polar(torch.ones_like(angle), angle)
 
     def matrices(self, w: torch.Tensor) -> torch.Tensor:
-        """``(F, g, Co, Ci)`` complex128: ``M(w)`` explicitly."""
-        return torch.einsum("tf,gtoi->fgoi", self.phases(w, _DTYPE), self.kernel.to(torch.complex128))
+        """``(B, F, g, Co, Ci)`` complex128: ``M(w)`` explicitly, ``w (B, F, ndim)``."""
+        return torch.einsum("btf,bgtoi->bfgoi", self.phases(w, _DTYPE), self.kernel.to(torch.complex128))
 
     def apply(self, phases: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``M(w_f) x_f``: ``x (g, Ci, F)`` complex64 -> ``(g, Co, F)`` (one real GEMM)."""
-        g, f = self.g, x.shape[-1]
-        y = self.stacked @ torch.view_as_real(x).reshape(g, self.c_in, 2 * f)  # (g, T*Co, 2F)
-        y = torch.view_as_complex(y.reshape(g, self.taps, self.c_out, f, 2))
-        return (y * phases[None, :, None, :]).sum(1)
+        """``M(w_f) x_f``: ``x (B*g, Ci, F)`` complex64 -> ``(B*g, Co, F)`` (one batched real GEMM)."""
+        bg, f = x.shape[0], x.shape[-1]
+        y = self.stacked @ torch.view_as_real(x).reshape(bg, self.c_in, 2 * f)  # (B*g, T*Co, 2F)
+        y = torch.view_as_complex(y.reshape(self.b, self.g, self.taps, self.c_out, f, 2))
+        return (y * phases[:, None, :, None, :]).sum(2).reshape(bg, self.c_out, f)
 
     def adjoint(self, phases: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``M(w_f)^H y_f``: ``y (g, Co, F)`` -> ``(g, Ci, F)`` (one real GEMM)."""
-        g, f = self.g, y.shape[-1]
-        z = torch.view_as_real(phases.conj()[None, :, None, :] * y[:, None]).reshape(g, self.taps * self.c_out, 2 * f)
-        return torch.view_as_complex((self.stacked.transpose(1, 2) @ z).reshape(g, self.c_in, f, 2).contiguous())
+        """``M(w_f)^H y_f``: ``y (B*g, Co, F)`` -> ``(B*g, Ci, F)`` (one batched real GEMM)."""
+        bg, f = y.shape[0], y.shape[-1]
+        z = phases.conj()[:, None, :, None, :] * y.reshape(self.b, self.g, 1, self.c_out, f)  # (B, g, T, Co, F)
+        z = torch.view_as_real(z).reshape(bg, self.taps * self.c_out, 2 * f)
+        return torch.view_as_complex((self.stacked.transpose(1, 2) @ z).reshape(bg, self.c_in, f, 2).contiguous())
+
+    def top(self, sigma: torch.Tensor) -> torch.Tensor:
+        """``(B, F)``: the largest over each kernel's groups of ``sigma (B*g, F)``."""
+        return sigma.reshape(self.b, self.g, -1).max(1).values
 
 
 def _power(symbol: _Symbol, phases: torch.Tensor, x: torch.Tensor, steps: int):
-    """``steps`` power steps on ``M^H M`` at each frequency: ``(sigma (g, F), x (g, Ci, F))``, x unit;
+    """``steps`` power steps on ``M^H M`` at each frequency: ``(sigma (B*g, F), x (B*g, Ci, F))``, x unit;
     sigma = ||M x|| before the last step (a lower bound on sigma_1(M))."""
     sigma = None
     for _ in range(steps):
         y = symbol.apply(phases, x)
-        sigma = torch.linalg.vector_norm(y, dim=1)
+        sigma = _norms(y)
         x = symbol.adjoint(phases, y)
-        x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-30)
+        x = x / _norms(x).clamp_min(1e-30)[:, None, :]
     return sigma, x
+
+
+def _norms(x: torch.Tensor) -> torch.Tensor:
+    """``(B*g, F)``: the norms of the columns of ``x (B*g, C, F)`` complex (a real sum of squares: a
+    third of the time of ``vector_norm`` on complex values)."""
+    return torch.view_as_real(x).square().sum((1, 3)).sqrt()
 
 
 def _coarse_grid(geometry: ConvGeometry) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -159,48 +178,54 @@ def _coarse_grid(geometry: ConvGeometry) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def _search(symbol: _Symbol, geometry: ConvGeometry) -> torch.Tensor:
-    """``(ndim,)``: ``theta`` at a local maximum of ``max_group sigma_1(M)``: the coarse grid's best
-    ``CANDIDATES`` points refined by a pattern search (a stencil of +-h along each dim, then the
-    vertex of each dim's parabola; back to the best point seen when that went downhill; h halves
-    each round), the best point found."""
+    """``(B, ndim)``: for each kernel, ``theta`` at a local maximum of ``max_group sigma_1(M)``: the
+    coarse grid's best ``CANDIDATES`` points refined by a pattern search (a stencil of +-h along each
+    dim, then the vertex of each dim's parabola; back to the best point seen when that went downhill;
+    h halves each round), the best point found. The kernels are searched side by side (batched
+    GEMMs), each on its own points."""
+    b, g, ci = symbol.b, symbol.g, symbol.c_in
     dilation = torch.tensor(geometry.dilation, dtype=_DTYPE)
     grid, spacing = _coarse_grid(geometry)
     gen = torch.Generator().manual_seed(0)  # deterministic, and the global RNG stream is left alone
-    x0 = torch.view_as_complex(torch.randn(symbol.g, symbol.c_in, 1, 2, generator=gen, dtype=_SEARCH_DTYPE))
-    sigma, x = _power(symbol, symbol.phases(grid / dilation), x0.expand(-1, -1, len(grid)), COARSE_STEPS)
-    coarse = sigma.max(0).values
+    x0 = torch.view_as_complex(torch.randn(g, ci, 1, 2, generator=gen, dtype=_SEARCH_DTYPE))
+    x0 = x0.expand(b, -1, -1, len(grid)).reshape(b * g, ci, len(grid))  # the same start for every kernel
+    sigma, x = _power(symbol, symbol.phases((grid / dilation).expand(b, -1, -1)), x0, COARSE_STEPS)
+    coarse = symbol.top(sigma)  # (B, F)
     dims = [i for i in range(geometry.ndim) if spacing[i] > 0]
     if not dims:
-        return grid[int(coarse.argmax())]
-    chosen = coarse.argsort(descending=True)[:CANDIDATES]
-    centres = grid[chosen]  # (C, ndim)
-    c, s = len(centres), 1 + 2 * len(dims)
+        return grid[coarse.argmax(1)]
+    chosen = coarse.argsort(1, descending=True)[:, :CANDIDATES]  # (B, C)
+    centres = grid[chosen]  # (B, C, ndim)
+    c, s = chosen.shape[1], 1 + 2 * len(dims)
     steps = torch.zeros(s, geometry.ndim, dtype=_DTYPE)
     for j, i in enumerate(dims):
         steps[1 + 2 * j, i], steps[2 + 2 * j, i] = -1.0, 1.0
     h = spacing / 2
-    x = x[:, :, chosen, None].expand(-1, -1, -1, s).reshape(symbol.g, symbol.c_in, c * s)  # warm: the coarse vectors
-    best_value = torch.full((c,), -1.0, dtype=_SEARCH_DTYPE)
+    # warm: the coarse vectors of the chosen points
+    x = torch.gather(x.reshape(b, g, ci, -1), 3, chosen[:, None, None, :].expand(-1, g, ci, -1))
+    x = x[..., None].expand(-1, -1, -1, -1, s).reshape(b * g, ci, c * s)
+    best_value = torch.full((b, c), -1.0, dtype=_SEARCH_DTYPE)
     best_point = centres.clone()
     for _ in range(REFINE_ROUNDS):
-        points = (centres[:, None, :] + steps[None] * h).reshape(c, s, geometry.ndim)
-        sigma, x = _power(symbol, symbol.phases(points.reshape(-1, geometry.ndim) / dilation), x, REFINE_STEPS)
-        value = sigma.max(0).values.reshape(c, s)
-        top, where = value.max(1)
+        points = centres[:, :, None, :] + steps * h  # (B, C, s, ndim)
+        sigma, x = _power(symbol, symbol.phases(points.reshape(b, c * s, -1) / dilation), x, REFINE_STEPS)
+        value = symbol.top(sigma).reshape(b, c, s)
+        top, where = value.max(2)
         improved = top > best_value
         best_value = torch.where(improved, top, best_value)
-        best_point = torch.where(improved[:, None], points[torch.arange(c), where], best_point)
-        f0, fm, fp = value[:, :1], value[:, 1::2], value[:, 2::2]
+        reached = torch.gather(points, 2, where[:, :, None, None].expand(-1, -1, 1, geometry.ndim))[:, :, 0]
+        best_point = torch.where(improved[..., None], reached, best_point)
+        f0, fm, fp = value[..., :1], value[..., 1::2], value[..., 2::2]
         curvature = (fp + fm - 2 * f0).to(_DTYPE)
         shift = torch.where(curvature < 0, (fm - fp).to(_DTYPE) / (2 * curvature).clamp_max(-1e-30),
                             torch.sign(fp - fm).to(_DTYPE))
         move = torch.zeros_like(centres)
-        move[:, dims] = shift.clamp(-1, 1) * h[dims]
-        centres = torch.where(improved[:, None], centres + move, best_point)
+        move[..., dims] = shift.clamp(-1, 1) * h[dims]
+        centres = torch.where(improved[..., None], centres + move, best_point)
         # the centre's vector warm-starts the next round's stencil
-        x = x.reshape(symbol.g, symbol.c_in, c, s)[..., :1].expand(-1, -1, -1, s).reshape(symbol.g, symbol.c_in, -1)
+        x = x.reshape(b, g, ci, c, s)[..., :1].expand(-1, -1, -1, -1, s).reshape(b * g, ci, c * s)
         h = h / 2
-    return best_point[int(best_value.argmax())]
+    return best_point[torch.arange(b), best_value.argmax(1)]
 
 
 def _grid_neighbours(m: torch.Tensor, sizes) -> torch.Tensor:
@@ -211,14 +236,15 @@ def _grid_neighbours(m: torch.Tensor, sizes) -> torch.Tensor:
 
 def _snap_to_grid(symbol: _Symbol, w: torch.Tensor, sizes) -> torch.Tensor:
     """A circulant operator's frequencies are ``2 pi m / n``: from the grid point nearest ``w``, a
-    hill-climb on the grid by exact sigma_1 of ``M`` (a local maximum over the DFT grid)."""
+    hill-climb on the grid by exact sigma_1 of ``M`` (a local maximum over the DFT grid); ``symbol``
+    holds one kernel."""
     scale = torch.tensor([2 * math.pi / n for n in sizes], dtype=_DTYPE)
     seen: Dict[tuple, float] = {}
 
     def evaluate(candidates) -> None:
         new = sorted({tuple(m.tolist()) for m in candidates} - seen.keys())
         if new:
-            values = torch.linalg.matrix_norm(symbol.matrices(torch.tensor(new, dtype=_DTYPE) * scale), ord=2)
+            values = torch.linalg.matrix_norm(symbol.matrices(torch.tensor(new, dtype=_DTYPE)[None] * scale)[0], ord=2)
             seen.update(zip(new, values.max(1).values.tolist()))
 
     best = tuple((torch.round(w / scale).long() % torch.tensor(sizes)).tolist())
@@ -231,6 +257,49 @@ def _snap_to_grid(symbol: _Symbol, w: torch.Tensor, sizes) -> torch.Tensor:
     return torch.tensor(best, dtype=_DTYPE) * scale
 
 
+def _batch_size(geometry: ConvGeometry) -> int:
+    """How many kernels one batched search takes: its largest product ``(B*g, T*Co, 2F)`` at most
+    ``SEARCH_ELEMENTS`` entries."""
+    grid, spacing = _coarse_grid(geometry)
+    points = max(len(grid), CANDIDATES * (1 + 2 * int((spacing > 0).sum())))
+    per_kernel = geometry.taps * geometry.out_channels * 2 * points
+    return max(1, SEARCH_ELEMENTS // per_kernel)
+
+
+def symbol_starts(geometry: ConvGeometry, kernels: torch.Tensor) -> List[Optional[SymbolStart]]:
+    """``symbol_start`` of each of ``kernels (B, C_out, C_in/g, *k)``, one batched search for all
+    (in runs of ``_batch_size``): None for a stride > 1 and for a zero or non-finite kernel."""
+    if any(s != 1 for s in geometry.stride):
+        return [None] * len(kernels)
+    starts: List[Optional[SymbolStart]] = []
+    with torch.no_grad():
+        step = _batch_size(geometry)
+        for first in range(0, len(kernels), step):
+            starts += _starts(geometry, kernels[first:first + step])
+    return starts
+
+
+def _starts(geometry: ConvGeometry, kernels: torch.Tensor) -> List[Optional[SymbolStart]]:
+    symbol = _Symbol(geometry, kernels)
+    usable = symbol.usable()
+    if not bool(usable.all()):
+        starts: List[Optional[SymbolStart]] = [None] * len(kernels)
+        index = usable.nonzero().flatten().tolist()
+        if index:
+            for i, start in zip(index, _starts(geometry, kernels[index])):
+                starts[i] = start
+        return starts
+    w = _search(symbol, geometry) / torch.tensor(geometry.dilation, dtype=_DTYPE)  # theta's alias of least |w|
+    if geometry.is_circulant:
+        w = torch.stack([_snap_to_grid(_Symbol(geometry, kernels[i:i + 1]), w[i], geometry.input_size)
+                         for i in range(len(kernels))])
+    matrices = symbol.matrices(w[:, None])[:, 0]  # (B, g, Co, Ci)
+    u, s, vh = torch.linalg.svd(matrices)
+    groups = s[..., 0].argmax(1).tolist()
+    return [SymbolStart(w=tuple(w[i].tolist()), group=j, sigma=float(s[i, j, 0]), u_hat=u[i, j, :, 0],
+                        v_hat=vh[i, j, 0].conj()) for i, j in enumerate(groups)]
+
+
 def symbol_start(geometry: ConvGeometry, kernel: torch.Tensor) -> Optional[SymbolStart]:
     """The top singular pair of the symbol at its maximizing frequency (see the module docstring).
 
@@ -238,20 +307,7 @@ def symbol_start(geometry: ConvGeometry, kernel: torch.Tensor) -> Optional[Symbo
     ``w`` is on the DFT grid of the input size (a local maximum over that grid). None for a stride
     > 1 and for a zero or non-finite kernel.
     """
-    if any(s != 1 for s in geometry.stride):
-        return None
-    with torch.no_grad():
-        symbol = _Symbol(geometry, kernel)
-        if not symbol.finite_nonzero():
-            return None
-        w = _search(symbol, geometry) / torch.tensor(geometry.dilation, dtype=_DTYPE)  # theta's alias of least |w|
-        if geometry.is_circulant:
-            w = _snap_to_grid(symbol, w, geometry.input_size)
-        matrices = symbol.matrices(w[None])[0]  # (g, Co, Ci)
-        u, s, vh = torch.linalg.svd(matrices)
-        group = int(s[:, 0].argmax())
-        return SymbolStart(w=tuple(w.tolist()), group=group, sigma=float(s[group, 0]), u_hat=u[group, :, 0],
-                           v_hat=vh[group, 0].conj())
+    return symbol_starts(geometry, kernel[None])[0]
 
 
 def _wave(w, size, windowed: bool) -> torch.Tensor:
@@ -308,27 +364,57 @@ def layer_start(layer) -> Optional[Dict[str, torch.Tensor]]:
     starts from the symbol start of the reweighted kernel that the first start's rank-one kernel
     gives (the batched refresh then recomputes it from the refreshed vectors).
     """
-    geometry, weight = layer.geometry, layer.weight
-    if geometry is None or weight.is_meta or not supported(geometry):
-        return None
-    dtype, device = layer.compute_dtype, weight.device
+    return layer_starts([layer])[0]
+
+
+def layer_starts(layers) -> List[Optional[Dict[str, torch.Tensor]]]:
+    """``layer_start`` of each of ``layers``, the layers of one refresh signature searched together
+    (one batched symbol search per signature, and per signature one batched rank-one kernel and
+    reweighting for the projected variant's second start)."""
+    layers = list(layers)
+    starts: List[Optional[Dict[str, torch.Tensor]]] = [None] * len(layers)
+    groups: Dict[tuple, List[int]] = {}
+    for i, layer in enumerate(layers):
+        geometry = layer.geometry
+        if geometry is not None and not layer.weight.is_meta and supported(geometry):
+            groups.setdefault(layer.signature(), []).append(i)
+    for index in groups.values():
+        for i, vectors in zip(index, _group_starts([layers[i] for i in index])):
+            starts[i] = vectors
+    return starts
+
+
+def _group_starts(layers) -> List[Optional[Dict[str, torch.Tensor]]]:
+    """``layer_start`` of same-signature ``layers``."""
+    first = layers[0]
+    geometry, dtype, device = first.geometry, first.compute_dtype, first.weight.device
     fmt = batched_refresh.vector_format(device, geometry.ndim)
-    with torch.no_grad(), normal_tensors(), no_autocast(weight):
-        kernel = weight.detach().to(dtype).reshape(geometry.weight_shape)
-        start = symbol_start(geometry, kernel)
-        if start is None:
-            return None
-        u, v = start_vectors(geometry, start, dtype, device, fmt)
-        vectors = {"u": u, "v": v}
-        if layer.variant_code == VARIANT_PROJECTED:  # (at beta = 1 u_out, v_out exist but stay unused)
-            taps = geometry.taps
-            s1 = geometry.kernel_grad(v, u).reshape(1, -1, taps)
-            gram, gram_pinv = geometry.kernel_gram(dtype, device), geometry.kernel_gram_pinv(dtype, device)
-            direction, consts = prepare_constants(s1, s1, gram_pinv, VARIANT_PROJECTED)
-            reweighted, _ = layer.ops.reweight_forward(kernel.reshape(1, -1, taps), s1, direction, s1, gram, consts,
-                                                       *layer.op_scalars()[:5])
-            second = symbol_start(geometry, reweighted.reshape(geometry.weight_shape))
-            if second is None:
-                return None
-            vectors["u_out"], vectors["v_out"] = start_vectors(geometry, second, dtype, device, fmt)
+    with torch.no_grad(), normal_tensors(), no_autocast(first.weight):
+        kernels = torch.stack([layer.weight.detach().to(dtype).reshape(geometry.weight_shape) for layer in layers])
+        found = symbol_starts(geometry, kernels)
+        vectors: List[Optional[Dict[str, torch.Tensor]]] = [None] * len(layers)
+        for i, start in enumerate(found):
+            if start is not None:
+                u, v = start_vectors(geometry, start, dtype, device, fmt)
+                vectors[i] = {"u": u, "v": v}
+        if first.variant_code != VARIANT_PROJECTED:  # (at beta = 1 u_out, v_out exist but stay unused)
+            return vectors
+        index = [i for i, value in enumerate(vectors) if value is not None]
+        if not index:
+            return vectors
+        n, taps = len(index), geometry.taps
+        group = batched_refresh.stacked(geometry, n)
+        s1 = group.kernel_grad(torch.cat([vectors[i]["v"] for i in index], 1),
+                               torch.cat([vectors[i]["u"] for i in index], 1)).reshape(n, -1, taps)
+        gram, gram_pinv = geometry.kernel_gram(dtype, device), geometry.kernel_gram_pinv(dtype, device)
+        direction, consts = prepare_constants(s1, s1, gram_pinv, VARIANT_PROJECTED)
+        # alpha only scales the reweighted kernel (see batched_refresh._refresh_group): one set of scalars
+        reweighted, _ = first.ops.reweight_forward(kernels[index].reshape(n, -1, taps), s1, direction, s1, gram,
+                                                   consts, *first.op_scalars()[:5])
+        second = symbol_starts(geometry, reweighted.reshape(n, *geometry.weight_shape))
+        for i, start in zip(index, second):
+            if start is None:
+                vectors[i] = None
+            else:
+                vectors[i]["u_out"], vectors[i]["v_out"] = start_vectors(geometry, start, dtype, device, fmt)
     return vectors

@@ -1,4 +1,5 @@
 """The symbol start of the power iteration (srnc_ext/warm_start.py), against explicit operator matrices."""
+import copy
 import warnings
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 import srnc_ext
-from srnc_ext import module, spectral, warm_start
+from srnc_ext import batched_refresh, module, spectral, warm_start
 from srnc_ext.conv_operator import ConvGeometry
 
 
@@ -91,17 +92,17 @@ def _warmed(cls, size, beta, mode, symbol, budget=False):
     counts (``budget``: the small-operator iterations to WARMUP_TOL as well)."""
     torch.manual_seed(0)
     options = {} if mode == "zeros" else dict(padding_mode=mode)
-    original, counts = warm_start.layer_start, module.warmup_iterations
+    original, counts = warm_start.layer_starts, module.warmup_iterations
     try:
         if not symbol:
-            warm_start.layer_start = lambda layer: None
+            warm_start.layer_starts = lambda layers: [None] * len(layers)
         if not budget:
             fixed = module.SYMBOL_WARMUP_ITERATIONS if symbol else module.WARMUP_ITERATIONS
             module.warmup_iterations = lambda geometry, n, symbol_start: (max(fixed, n), None)
         return cls(3, 4, 3, padding=1, alpha=0.8, beta=beta, bias=False, dtype=torch.float64, input_size=size,
                    **options)
     finally:
-        warm_start.layer_start, module.warmup_iterations = original, counts
+        warm_start.layer_starts, module.warmup_iterations = original, counts
 
 
 @pytest.mark.parametrize("cls, size", KINDS, ids=lambda x: getattr(x, "__name__", str(x)))
@@ -191,7 +192,7 @@ def test_a_failing_start_writes_nothing(monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(warm_start, "symbol_start", fail)
+    monkeypatch.setattr(warm_start, "symbol_starts", fail)
     with pytest.raises(RuntimeError, match="boom"):
         layer.reset_power_iteration()
     assert layer.power_iteration.version == version and not layer.is_stale()
@@ -235,3 +236,103 @@ def test_small_layers_start_at_alpha_whatever_the_init(seed):
     layer = srnc_ext.SRNCConv2d(4, 5, 3, padding=1, alpha=1.5, input_size=8)
     sigma = _dense_sigma(layer.geometry, layer.effective_weight().detach())
     assert abs(sigma / 1.5 - 1) < 1e-3, sigma
+
+
+def test_a_batched_search_gives_each_kernel_its_own_start():
+    """symbol_starts searches kernels side by side: each gets the start of a search on its own (the
+    same float32 steps, batched), and a zero or non-finite kernel gets None without disturbing the others."""
+    torch.manual_seed(0)
+    geometry = ConvGeometry.create((6, 4, 3, 3), (16, 20), padding=2, dilation=2)
+    kernels = torch.randn(5, 6, 4, 3, 3, dtype=torch.float64)
+    kernels[1] = 0
+    kernels[3, 0, 0, 0, 0] = float("inf")
+    batched = warm_start.symbol_starts(geometry, kernels)
+    assert batched[1] is None and batched[3] is None
+    for i in (0, 2, 4):
+        alone = warm_start.symbol_start(geometry, kernels[i])
+        assert batched[i].group == alone.group
+        assert batched[i].sigma == pytest.approx(alone.sigma, rel=1e-9)
+        assert batched[i].w == pytest.approx(alone.w, abs=1e-6)
+    # a batch larger than one search takes is split
+    small = warm_start.SEARCH_ELEMENTS
+    try:
+        warm_start.SEARCH_ELEMENTS = 1
+        split = warm_start.symbol_starts(geometry, kernels)
+    finally:
+        warm_start.SEARCH_ELEMENTS = small
+    assert [s is None for s in split] == [s is None for s in batched]
+    assert all(a is None or a.sigma == pytest.approx(b.sigma, rel=1e-9) for a, b in zip(split, batched))
+
+
+def test_convert_warms_every_layer_up_in_one_batch_per_signature(monkeypatch):
+    """convert searches once per refresh signature and warms up as many layers at once as the refresh
+    batches; the result is that of each layer's own reset_power_iteration."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *[nn.Conv2d(8, 8, 3, padding=1) for _ in range(4)],
+                             nn.Conv2d(8, 8, 3, stride=2, padding=1))
+
+    calls = []
+    original = warm_start.symbol_starts
+    monkeypatch.setattr(warm_start, "symbol_starts", lambda g, k: calls.append(len(k)) or original(g, k))
+    for beta in (1.0, 0.3):
+        calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            model = srnc_ext.convert(build(), alpha=1.0, beta=beta, input_size=24)
+        # the 3->8 layer and the four 8->8 ones (the strided one keeps the random start); beta < 1 adds
+        # the second power iteration's start of each
+        assert sorted(calls) == ([1, 4] if beta == 1 else [1, 1, 4, 4])
+        for layer in model:
+            alone = copy.deepcopy(layer)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                alone.reset_power_iteration()
+            assert layer.residual is not None and not layer.is_stale()
+            if warm_start.supported(layer.geometry):
+                torch.testing.assert_close(layer.effective_weight(), alone.effective_weight(), rtol=1e-4, atol=1e-6)
+
+
+def test_convert_names_a_layer_with_a_non_finite_weight_and_changes_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+    with torch.no_grad():
+        model[1].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layer '1': weight contains NaN or inf"):
+        srnc_ext.convert(model, alpha=1.0, input_size=20)
+    assert all(type(m) is nn.Conv2d for m in model)
+
+
+def test_random_start_vectors_are_unit_and_in_the_vectors_layout():
+    torch.manual_seed(0)
+    for cls, size in ((srnc_ext.SRNCConv2d, 12), (srnc_ext.SRNCConv3d, (4, 5, 6)), (srnc_ext.SRNCConv1d, 30)):
+        layer = cls(3, 5, 3, stride=2, padding=1, beta=0.5, input_size=size)  # strided: the random start
+        fmt = batched_refresh.vector_format("cpu", layer.geometry.ndim)
+        for name in layer.power_iteration.vector_names:
+            buffer = layer._buffers[name]
+            assert buffer.is_contiguous(memory_format=fmt)
+            assert buffer.norm().item() == pytest.approx(1.0, rel=1e-5)
+    from srnc_ext.power_iteration import _random_unit
+    for shape, fmt in (((1, 3, 4, 5), torch.channels_last), ((1, 3, 4, 5, 6), torch.channels_last_3d)):
+        value = _random_unit(shape, torch.float32, "cpu", fmt, 1e-12)
+        assert value.shape == shape and value.is_contiguous(memory_format=fmt)
+        assert value.norm().item() == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(ValueError, match="vector 'u': expected"):
+        layer._allocate(layer.geometry, {"u": torch.zeros(3)})
+
+
+def test_reset_power_iterations_of_a_model_starts_every_materialized_layer_anew():
+    torch.manual_seed(0)
+    model = nn.Sequential(srnc_ext.SRNCConv2d(3, 4, 3, padding=1, input_size=20), nn.ReLU(),
+                          srnc_ext.SRNCConv2d(4, 4, 3, padding=1), srnc_ext.SRNCLinear(4, 2))
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)  # replaced wholesale: the old vectors belong to another weight
+    versions = [layer.power_iteration.version for layer in (model[0], model[3])]
+    assert srnc_ext.reset_power_iterations(model) == 2  # model[2] has no input size yet
+    assert [layer.power_iteration.version for layer in (model[0], model[3])] > versions
+    assert not model[2].materialized and not model[0].is_stale()
+    assert spectral.spectral_norm(model[0], tol=1e-8) == pytest.approx(1.0, rel=2e-3)
+    with pytest.raises(RuntimeError, match="input_size is unknown"):
+        srnc_ext.reset_power_iterations([model[2]])
+    with pytest.raises(ValueError, match="n_iterations must be an int >= 1"):
+        srnc_ext.reset_power_iterations(model, 0)

@@ -386,11 +386,11 @@ def _close_spectrum_layer(n=32):
     # the random start with the fixed count: the symbol start (srnc_ext.warm_start) is the exact top pair
     # of a circulant operator, and a small operator's default warm-up iterates on to WARMUP_TOL, either
     # leaving no slow convergence to watch
-    original, srnc_ext.warm_start.layer_start = srnc_ext.warm_start.layer_start, lambda layer: None
+    original, srnc_ext.warm_start.layer_starts = srnc_ext.warm_start.layer_starts, lambda layers: [None] * len(layers)
     try:
         layer.reset_power_iteration(srnc_ext.module.WARMUP_ITERATIONS)
     finally:
-        srnc_ext.warm_start.layer_start = original
+        srnc_ext.warm_start.layer_starts = original
     return layer
 
 
