@@ -357,6 +357,28 @@ def test_recurrent_model_compiles_fullgraph_and_matches_eager_across_steps():
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
 
 
+def test_models_with_other_hyperparameters_compile_fullgraph_in_one_process():
+    """A second compiled model whose layers have another alpha, beta, eps or sigma_floor recompiles the
+    shared forward with those floats symbolic (Dynamo's automatic dynamic): no graph break there
+    (math.isfinite of a symbolic alpha broke the graph, and every later model ran eager code frame by frame)."""
+    torch._dynamo.reset()
+    settings = [dict(alpha=2.0, beta=0.1), dict(alpha=1.0, beta=1.0), dict(alpha=0.7, beta=0.3, eps=1e-10),
+                dict(alpha=1.5, beta=0.3, sigma_floor=0.5)]
+    x = torch.randn(2, 3, 8, 8)
+    for options in settings:
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a beta below the reachable floor is not the point
+            model = torch.nn.Sequential(SRNCConv2d(3, 4, 3, padding=1, input_size=8, **options), torch.nn.ReLU(),
+                                        SRNCConv2d(4, 4, 3, padding=1, input_size=8, **options))
+        eager = copy.deepcopy(model)
+        compiled = torch.compile(model, fullgraph=True)  # a graph break raises here
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
+        compiled(x).square().mean().backward()
+        eager(x).square().mean().backward()
+        torch.testing.assert_close(model[0].weight.grad, eager[0].weight.grad, rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------- any map size (issue 12)
 TINY_LAYERS = {  # (c_in, c_out, kernel, layer options, input size): maps smaller than the (dilated) kernel
     "64to32-7x7-map2": (64, 32, 7, dict(padding=3), 2),  # SPyNet's coarsest level in BasicVSR++ / TOFlow

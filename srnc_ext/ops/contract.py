@@ -112,7 +112,9 @@ def check_reweight(kernel: Tensor, s1: Tensor, direction: Tensor, s1_out: Tensor
     for name, value in (("alpha", alpha), ("positions", positions)):
         _value(value > 0, lambda: f"{op}: {name} must be > 0, got {value}")
     _value(eps > 0, lambda: f"{op}: eps must be > 0, got {eps}")
-    _value(math.isfinite(floor) and floor >= 0, lambda: f"{op}: floor must be finite and >= 0, got {floor}")
+    # comparisons, not math.isfinite: under torch.compile a float attribute that differs between two
+    # compiled models (alpha of two converted models) becomes symbolic, and math.isfinite of it breaks the graph
+    _value(0 <= floor < math.inf, lambda: f"{op}: floor must be finite and >= 0, got {floor}")
 
 
 # ---------------------------------------------------------------------------------------------- registration
