@@ -58,28 +58,61 @@ def _timed_steps_uncached(kind: str, compiled: bool, rounds: int):
     return first, statistics.median(times), switches
 
 
+ROUNDS = 15  # interleaved rounds of the step-time phase
+
+
+def _interleaved_ratios(kinds, rounds: int):
+    """``{kind: (eager s, compiled s, eager ratio, compiled ratio)}``: every kind eager and compiled,
+    built and warmed up side by side, then ``rounds`` rounds of one step each, in turn (drift
+    affects every kind alike); times: medians, ratios: the median over rounds of the step over
+    plain's in the same round and mode."""
+    torch._dynamo.reset()
+    steps = {}
+    for kind in kinds:
+        for compiled in (False, True):
+            model = build(kind, CPU["width"], CPU["size"], CPU["device"])
+            steps[(kind, compiled)] = make_step(torch.compile(model) if compiled else model, CPU["batch"],
+                                                CPU["frames"], CPU["size"], CPU["device"])
+            for _ in range(2):  # compilation, then the first refresh-carrying steps
+                steps[(kind, compiled)]()
+    times = {key: [] for key in steps}
+    for _ in range(rounds):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+    result = {}
+    for kind in kinds:
+        ratios = [statistics.median(a / b for a, b in zip(times[(kind, c)], times[("plain", c)])) for c in (False, True)]
+        result[kind] = (statistics.median(times[(kind, False)]), statistics.median(times[(kind, True)]), *ratios)
+    return result
+
+
 def test_compiled_table():
     srnc = available_srnc_kinds("cpu")[0]
     kinds = ["plain", srnc, srnc + "-beta1"]
     rows = {}
     _timed_steps("plain", True, rounds=0)  # the process's one-time compiler start-up, counted for no kind
-    for kind in kinds:
-        eager_first, eager, _ = _timed_steps(kind, False, rounds=5)
-        compiled_first, compiled, switches = _timed_steps(kind, True, rounds=5)
-        rows[kind] = dict(eager_first=eager_first, eager=eager, compiled_first=compiled_first, compiled=compiled,
-                          switches=switches)
+    for kind in kinds:  # each compiled from scratch on its own: first step and the mode switches
+        compiled_first, _, switches = _timed_steps(kind, True, rounds=1)
+        rows[kind] = dict(compiled_first=compiled_first, switches=switches)
+    for kind, (eager, compiled, eager_ratio, compiled_ratio) in _interleaved_ratios(kinds, ROUNDS).items():
+        rows[kind].update(eager=eager, compiled=compiled, eager_ratio=eager_ratio, compiled_ratio=compiled_ratio)
     plain = rows["plain"]
     lines = [
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads. Workload: {CPU}, median of 5 steps after the first; first compiled step with Inductor's on-disk caches off (a fresh machine).",
+        f"{torch.get_num_threads()} threads. Workload: {CPU}. Step times: every kind eager and compiled built "
+        f"side by side, then {ROUNDS} interleaved rounds of one step each; times are medians, ratios the median "
+        "over rounds of the step over plain's in the same round and mode. First compiled step: each kind compiled "
+        "alone from scratch, Inductor's on-disk caches off (a fresh machine).",
         "",
         "| kind | eager step (ms) | eager ratio | compiled step (ms) | compiled ratio | first compiled step (s) | "
         "first-step ratio | graphs compiled by train->eval->train->eval |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for kind, r in rows.items():
-        lines.append(f"| {kind} | {1e3 * r['eager']:.1f} | {r['eager'] / plain['eager']:.3f} | {1e3 * r['compiled']:.1f} | "
-                     f"{r['compiled'] / plain['compiled']:.3f} | {r['compiled_first']:.1f} | "
+        lines.append(f"| {kind} | {1e3 * r['eager']:.1f} | {r['eager_ratio']:.3f} | {1e3 * r['compiled']:.1f} | "
+                     f"{r['compiled_ratio']:.3f} | {r['compiled_first']:.1f} | "
                      f"{r['compiled_first'] / plain['compiled_first']:.2f} | {r['switches']} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "compiled_step_cpu.md").write_text("\n".join(lines) + "\n")
