@@ -377,6 +377,14 @@ def test_models_with_other_hyperparameters_compile_fullgraph_in_one_process():
         compiled(x).square().mean().backward()
         eager(x).square().mean().backward()
         torch.testing.assert_close(model[0].weight.grad, eager[0].weight.grad, rtol=1e-4, atol=1e-6)
+    # other input sizes and geometries: the ints that differ become symbolic too
+    for size, options in ((10, {}), (12, dict(padding_mode="circular")), (9, dict(stride=2)), (11, dict(dilation=2))):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(SRNCConv2d(3, 4, 3, padding=options.get("dilation", 1), input_size=size, **options))
+        eager = copy.deepcopy(model)
+        x = torch.randn(2, 3, size, size)
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- any map size (issue 12)
