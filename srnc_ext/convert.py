@@ -19,6 +19,7 @@ from torch.nn.parameter import is_lazy
 
 from .layer_kinds import CONV_KINDS, LAZY_TORCH, TORCH_KINDS, layer_config, srnc_kind, torch_kind
 from .module import SRNCLayer, reset_power_iterations
+from .weight_scope import share_effective_weights, unshare_effective_weights
 
 # what convert replaces by default: every conv kind (their lazy forms and subclasses too); nn.Linear
 # is supported and converted when types names it
@@ -222,7 +223,10 @@ def convert(
         return f"{kind}, not supported by SRN-C yet"
 
     warn_left_alone(model, reason, "srnc_ext.convert left alone")
-    return _replace(model, lambda name, module: new.get(id(module)))
+    result = _replace(model, lambda name, module: new.get(id(module)))
+    if new and result is model:  # a compiled forward of the model computes each layer's weight once
+        share_effective_weights(model)
+    return result
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -249,7 +253,7 @@ def remove(model: nn.Module) -> nn.Module:
         plain.bias = module.bias
         return plain
 
-    return _replace(model, make)
+    return _replace(unshare_effective_weights(model), make)
 
 
 def to_conv2d(model: nn.Module) -> nn.Module:
@@ -272,4 +276,4 @@ def to_conv2d(model: nn.Module) -> nn.Module:
         plain.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), module.bias.requires_grad)
         return plain
 
-    return _replace(model, make)
+    return _replace(unshare_effective_weights(model), make)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch.nn.modules.conv import _LazyConvXdMixin
 from torch.nn.parameter import UninitializedParameter, is_lazy
 
-from . import backends, batched_refresh as _refresh, warm_start
+from . import backends, batched_refresh as _refresh, warm_start, weight_scope
 from .ops import VARIANT_PROJECTED, naive, prepare_constants, variant_code
 from .conv_operator import ConvGeometry, ntuple
 from .power_iteration import (FRESH_NAME, GRAM_NAMES, SAVED_CONSTANT_NAMES, VECTOR_NAMES, PowerIterationState,
@@ -474,14 +474,21 @@ class SRNCLayer:
 
         In eager mode on the CPU it is computed once per weight value and refresh and shared by
         every forward until then (a T-frame unroll runs the reweight op once, and its backward
-        once per ``backward()`` call); under ``torch.compile`` the op is traced into the graph;
+        once per ``backward()`` call); under ``torch.compile`` the op is traced into the graph
+        (once per compiled forward of a model with ``share_effective_weights``, which ``convert``
+        registers; see ``weight_scope.py``);
         under ``torch.func`` transforms and ``torch.jit.trace`` the pure-PyTorch reference ops
         run with plain autograd (they support vmap, jvp and higher-order gradients).
         """
         if not self.materialized:
             raise RuntimeError("input_size is unknown: pass input_size= or run a forward first")
         if torch.compiler.is_compiling():
-            return self._reweight(self.ops)
+            # one node per compiled forward of a model with share_effective_weights (convert's models)
+            shared = weight_scope.lookup(self)
+            if shared is None:
+                shared = self._reweight(self.ops)
+                weight_scope.store(self, shared)
+            return shared
         if torch.jit.is_tracing() or _functorch_active():
             return self._reweight(backends.REFERENCE)
         if self.power_iteration.constants_stale():
@@ -626,6 +633,8 @@ class SRNCLayer:
         state = self.__dict__.copy()
         state["_copy_is_fresh"] = self.materialized and not self.is_stale()  # a copy is as fresh as its original
         state["_weight_cache"] = None  # holds an autograd graph
+        state.pop(weight_scope.SCOPE, None)
+        state.pop(weight_scope.WEIGHTS, None)
         return state
 
     def __setstate__(self, state):

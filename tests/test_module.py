@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from oracles import singular_values
 
+import srnc_ext
 from srnc_ext import LazySRNCConv2d, SRNCConv2d, reference
 from srnc_ext.conv_operator import ConvGeometry
 
@@ -385,6 +386,76 @@ def test_models_with_other_hyperparameters_compile_fullgraph_in_one_process():
         x = torch.randn(2, 3, size, size)
         compiled = torch.compile(model, fullgraph=True)
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
+
+
+class _Unroll(torch.nn.Module):
+    """Two SRN-C layers applied to every frame; the first ``warmup`` frames under no_grad (truncated BPTT)."""
+
+    def __init__(self, warmup: int = 0):
+        super().__init__()
+        self.warmup = warmup
+        self.a = SRNCConv2d(7, 4, 3, padding=1, beta=0.5, input_size=8)
+        self.b = SRNCConv2d(4, 4, 3, padding=1, alpha=0.9, input_size=8)
+
+    def forward(self, x):
+        h, outs = x.new_zeros(x.shape[0], 4, 8, 8), []
+        for t in range(x.shape[1]):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= self.warmup):
+                h = torch.relu(self.b(torch.relu(self.a(torch.cat([x[:, t], h], 1)))))
+            outs.append(h)
+        return torch.stack(outs, 1)
+
+
+@pytest.mark.parametrize("warmup", (0, 2))
+def test_shared_effective_weights_give_one_reweight_backward_per_layer_under_compile(warmup):
+    """With share_effective_weights (convert registers it) a compiled 4-frame unroll runs each layer's
+    reweight backward once per step, not once per frame, and still matches eager mode, also when
+    the first frames run under no_grad (they get their own, gradient-free weight)."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    counts = []
+
+    def count(graph):
+        counts.append(sum(1 for n in graph.nodes if n.op == "call_function" and "reweight_backward" in str(n.target)))
+
+    torch.manual_seed(0)
+    model = srnc_ext.share_effective_weights(_Unroll(warmup))
+    eager = copy.deepcopy(model)
+    assert srnc_ext.share_effective_weights(model) is model  # once
+    opt, opt_eager = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(eager.parameters(), lr=0.1)
+    x = torch.randn(2, 4, 3, 8, 8)
+    with inductor_config.patch(post_grad_custom_post_pass=count, force_disable_caches=True):
+        compiled = torch.compile(model)
+        for _ in range(2):
+            out, expected = compiled(x), eager(x)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+            out.square().mean().backward()
+            expected.square().mean().backward()
+            for name in ("a", "b"):
+                torch.testing.assert_close(getattr(model, name).weight.grad, getattr(eager, name).weight.grad,
+                                           rtol=1e-4, atol=1e-6)
+            for o in (opt, opt_eager):
+                o.step()
+                o.zero_grad()
+    assert 2 in counts and max(counts) == 2  # the backward graph: one per layer (without sharing: 4 frames x 2)
+    assert model.a._scoped_weights is None and not model.a._weight_scope  # nothing outlives the forward
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
+
+
+def test_convert_shares_effective_weights_and_remove_takes_the_hooks_away():
+    from srnc_ext import weight_scope
+
+    torch.manual_seed(0)
+    model = srnc_ext.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1)), alpha=1.0, input_size=8)
+    assert weight_scope._enter in model._forward_pre_hooks.values()
+    twin = copy.deepcopy(model)  # the hooks take the module they run on: a copy scopes its own layers
+    assert weight_scope._enter in twin._forward_pre_hooks.values()
+    srnc_ext.remove(model)
+    assert weight_scope._enter not in model._forward_pre_hooks.values()
+    assert weight_scope._leave not in model._forward_hooks.values() and not model._forward_hooks_always_called
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        srnc_ext.share_effective_weights("model")
 
 
 # ---------------------------------------------------------------- any map size (issue 12)
