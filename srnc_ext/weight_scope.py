@@ -34,15 +34,22 @@ def _layers(module: nn.Module):
     return [m for m in module.modules() if isinstance(m, SRNCLayer)]
 
 
+def _active() -> bool:
+    """Tracing for ``torch.compile``; not ``torch.export`` (which warns about module attributes written
+    in the forward, and gets one reweight per call either way)."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.compiler.is_compiling() and not (exporting is not None and exporting())
+
+
 def _enter(module: nn.Module, args) -> None:
-    if torch.compiler.is_compiling():
+    if _active():
         for layer in _layers(module):
             setattr(layer, SCOPE, True)
             setattr(layer, WEIGHTS, {})
 
 
 def _leave(module: nn.Module, args, output) -> None:
-    if torch.compiler.is_compiling():
+    if _active():
         for layer in _layers(module):
             setattr(layer, SCOPE, False)
             setattr(layer, WEIGHTS, None)  # nothing outlives the graph

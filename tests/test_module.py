@@ -458,6 +458,21 @@ def test_convert_shares_effective_weights_and_remove_takes_the_hooks_away():
         srnc_ext.share_effective_weights("model")
 
 
+@pytest.mark.parametrize("strict", (False, True))
+def test_a_converted_model_exports_without_warnings_and_matches_eager(strict):
+    """torch.export of a converted model in eval mode: the weight-sharing hooks stay out of it (strict
+    export warned about the module attributes they write), and the exported program is the model."""
+    torch.manual_seed(0)
+    model = srnc_ext.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                                 torch.nn.Conv2d(4, 4, 3, padding=1)), alpha=1.0, beta=0.5, input_size=8)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        program = torch.export.export(model, (x,), strict=strict)
+    torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- any map size (issue 12)
 TINY_LAYERS = {  # (c_in, c_out, kernel, layer options, input size): maps smaller than the (dilated) kernel
     "64to32-7x7-map2": (64, 32, 7, dict(padding=3), 2),  # SPyNet's coarsest level in BasicVSR++ / TOFlow
