@@ -175,12 +175,7 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
         new = {"u": u, "v": v}
         s1_out, direction = s1, None
         if code == VARIANT_PROJECTED:
-            # With S1 standing in for S1_out the op returns alpha K_rw / (<K,S1>/(<K,S1>+eps) + eps),
-            # a positive multiple of K_rw: all the second power iteration needs (without the floor,
-            # which would blend in the raw kernel where sigma_1 is below it).
-            direction, consts = prepare_constants(s1, s1, gram_pinv, code)
-            scaled, stats = ops.reweight_forward(kernel.reshape(n, -1, taps), s1, direction, s1, gram, consts,
-                                                 *first.op_scalars()[:5])
+            scaled, direction, consts, stats = reweighted_kernels(first, kernel.reshape(n, -1, taps), s1, gram, gram_pinv)
             if not all(state.floor_warned for state in states):
                 _check_floor(layers, stats[:, 0], consts[:, 0], eps, first.op_scalars()[1])
             u_out, v_out, residual_out = _power_iteration(
@@ -204,6 +199,20 @@ def _refresh_group(layers: List[nn.Module], n_iterations: int, mark_refreshed: b
         warnings.warn(f"refresh: the power-iteration residual is {float(residual.max()):.3g} > tol={tol} after "
                       f"{n_iterations} iterations (a slowly converging top of the spectrum, or a tol below the "
                       f"precision of {first.compute_dtype}); pass more iterations", RuntimeWarning, stacklevel=4)
+
+
+def reweighted_kernels(first, kernels: torch.Tensor, s1: torch.Tensor, gram: torch.Tensor, gram_pinv: torch.Tensor):
+    """``(scaled (L, M, T), direction, consts, stats)``: the projected variant's reweighted kernels of
+    same-signature layers (``first`` one of them), from their kernels and rank-one kernels ``S1``.
+
+    With S1 standing in for S1_out the op returns alpha K_rw / (<K,S1>/(<K,S1>+eps) + eps), a
+    positive multiple of K_rw: all the second power iteration (and its start) needs, so one set of
+    scalars serves layers with other alphas (without the floor, which would blend in the raw kernel
+    where sigma_1 is below it).
+    """
+    direction, consts = prepare_constants(s1, s1, gram_pinv, VARIANT_PROJECTED)
+    scaled, stats = first.ops.reweight_forward(kernels, s1, direction, s1, gram, consts, *first.op_scalars()[:5])
+    return scaled, direction, consts, stats
 
 
 def _check_floor(layers, s: torch.Tensor, c0: torch.Tensor, eps: float, beta_rank: float) -> None:

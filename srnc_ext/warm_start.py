@@ -31,7 +31,7 @@ import torch
 
 from . import batched_refresh
 from .conv_operator import ConvGeometry
-from .ops import VARIANT_PROJECTED, prepare_constants
+from .ops import VARIANT_PROJECTED
 from .power_iteration import normal_tensors
 from .precision import no_autocast
 
@@ -407,10 +407,7 @@ def _group_starts(layers) -> List[Optional[Dict[str, torch.Tensor]]]:
         s1 = group.kernel_grad(torch.cat([vectors[i]["v"] for i in index], 1),
                                torch.cat([vectors[i]["u"] for i in index], 1)).reshape(n, -1, taps)
         gram, gram_pinv = geometry.kernel_gram(dtype, device), geometry.kernel_gram_pinv(dtype, device)
-        direction, consts = prepare_constants(s1, s1, gram_pinv, VARIANT_PROJECTED)
-        # alpha only scales the reweighted kernel (see batched_refresh._refresh_group): one set of scalars
-        reweighted, _ = first.ops.reweight_forward(kernels[index].reshape(n, -1, taps), s1, direction, s1, gram,
-                                                   consts, *first.op_scalars()[:5])
+        reweighted = batched_refresh.reweighted_kernels(first, kernels[index].reshape(n, -1, taps), s1, gram, gram_pinv)[0]
         second = symbol_starts(geometry, reweighted.reshape(n, *geometry.weight_shape))
         for i, start in zip(index, second):
             if start is None:
